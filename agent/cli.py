@@ -1,0 +1,51 @@
+"""The `speechgpt-rt` command line.
+
+Each subcommand lives in the module that owns its job and exposes two functions:
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their subcommand
+runs, so `speechgpt-rt --help` stays fast and a broken optional dependency only breaks its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "make-tiny": ("agent.tiny", "write a tiny random-weight bundle in the release file formats"),
+    "respond": ("agent.respond", "reference pipeline: one spoken (or text) question in, one reply WAV out"),
+    "convert": ("agent.convert", "release files -> fast-loading deployment bundle (safetensors, no pickle)"),
+    "export-vocoder": ("streaming.vocoder_onnx", "export the unit vocoder to ONNX"),
+    "bench-decode": ("kernels.bench_decode", "decode-engine benchmark vs HF eager and torch.compile"),
+    "bench-units": ("streaming.bench_units", "incremental unit extractor benchmark"),
+    "bench-vocoder": ("streaming.bench_vocoder", "streaming vocoder benchmark"),
+}
+
+
+def _top_level_help() -> str:
+    width = max(len(n) for n in SUBCOMMANDS)
+    lines = ["usage: speechgpt-rt COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
+    lines += ["", "Run `speechgpt-rt COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"speechgpt-rt: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"speechgpt-rt {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
