@@ -25,3 +25,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The tiny random-weight bundle (release layout), written once per test session."""
+    from agent.tiny import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"), seed=0, log=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_bundle):
+    """(tokenizer, arch, fp32 state dict with the LoRA merged) of the tiny bundle's LLM."""
+    import torch
+
+    from agent.bundle import resolve_bundle
+    from agent.tokenizer import SpeechGPTTokenizer
+    from kernels.checkpoint import LlamaCheckpoint
+
+    paths = resolve_bundle(tiny_bundle)
+    ckpt = LlamaCheckpoint(paths.llm_dir, paths.lora_dir)
+    return SpeechGPTTokenizer.from_dir(paths.tokenizer_dir), ckpt.arch, ckpt.state_dict(torch.float32)
