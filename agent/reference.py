@@ -7,6 +7,7 @@ vocabulary), fed by the protocol layer and parsed by the streaming parser.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,8 +101,10 @@ class ReferenceGenerator:
         cache = DynamicCache()
         ids = torch.tensor([prompt_ids], device=self.device)
         t0 = time.perf_counter()
+        # transformers >= 5.2x calls the cache argument `cache`; older 5.x (the GPU machines) `past_key_values`.
+        cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         for step in range(budget):
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+            logits = self.model(input_ids=ids, use_cache=True, **{cache_kw: cache}).logits[0, -1].float()
             token = int(sample_reference(logits.cpu(), params, step, gen))
             if timing is not None:
                 now = time.perf_counter()

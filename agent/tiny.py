@@ -212,7 +212,7 @@ def write_tiny_llm(out_dir: Path, seed: int, cfg: TinyTrainConfig = TinyTrainCon
 
 def make_tiny_bundle(out_dir: Path | str, seed: int = 0, log=print) -> Path:
     """Write every file of the tiny bundle (release layout) into out_dir."""
-    from streaming.hubert import write_tiny_hubert
+    from streaming.hubert import TinyHubertSpec, write_tiny_hubert
     from streaming.kmeans import write_tiny_kmeans
     from streaming.vocoder import write_tiny_vocoder
 
@@ -222,8 +222,9 @@ def make_tiny_bundle(out_dir: Path | str, seed: int = 0, log=print) -> Path:
     write_tiny_llm(out, seed, log=log)
     hubert_path = out / RELEASE_HUBERT
     hubert_path.parent.mkdir(parents=True, exist_ok=True)
-    hubert_dim = write_tiny_hubert(hubert_path, seed)
-    write_tiny_kmeans(out / RELEASE_KMEANS, seed, hubert_dim)
+    spec = TinyHubertSpec()
+    write_tiny_hubert(hubert_path, seed, spec=spec)
+    write_tiny_kmeans(out / RELEASE_KMEANS, seed, spec.embed_dim)
     write_tiny_vocoder(out / RELEASE_VOCODER_DIR, seed)
     (out / TINY_MARKER).write_text(json.dumps({"seed": seed, "notice": TINY_NOTICE}, indent=2) + "\n")
     (out / "README.txt").write_text(TINY_NOTICE + "\n")

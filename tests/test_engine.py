@@ -1,0 +1,198 @@
+"""The decode engine against the transformers reference, on the tiny bundle (fp32, CPU path)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from agent.prompts import Task, prompt_for
+from agent.reference import SPEECHGPT_SAMPLING, ReferenceGenerator, build_hf_llama
+from kernels.engine import DecodeEngine
+from kernels.model import LlamaWeights
+from kernels.sampling import SamplingParams
+
+GREEDY = SamplingParams(greedy=True, min_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llm):
+    tok, arch, sd = tiny_llm
+    return ReferenceGenerator(tok, build_hf_llama(arch, sd, torch.float32, "cpu"))
+
+
+def new_engine(tiny_llm, **kw) -> DecodeEngine:
+    _, arch, sd = tiny_llm
+    return DecodeEngine(LlamaWeights.from_state_dict(arch, sd.__getitem__, torch.float32, "cpu"), **kw)
+
+
+def speech_prompt(tok, seed: int, n: int = 60) -> list[int]:
+    rng = random.Random(seed)
+    return tok.encode(prompt_for(Task.SPEECH, units=[rng.randrange(1000) for _ in range(n)]))
+
+
+def test_greedy_equals_transformers_for_64_steps(tiny_llm, hf):
+    tok = tiny_llm[0]
+    for seed in (0, 1):
+        prompt = speech_prompt(tok, seed)
+        ref = hf.generate(prompt, params=GREEDY, max_new_tokens=64)
+        eng = new_engine(tiny_llm)
+        eng.prefill(prompt)
+        got = list(eng.decode(GREEDY, max_new_tokens=64))
+        assert len(ref.new_ids) == 64, "the tiny model's answers are longer than 64 tokens"
+        assert got == ref.new_ids
+
+
+def test_step_logits_match_transformers(tiny_llm, hf):
+    """Prefill logits and every decode step's logits equal a full HF forward over the same sequence."""
+    tok = tiny_llm[0]
+    prompt = speech_prompt(tok, 2, n=20)
+    eng = new_engine(tiny_llm)
+    logits = [eng.prefill(prompt).clone()]  # the first token is drawn from these
+    tokens = []
+    for t in eng.decode(GREEDY, max_new_tokens=12):
+        if tokens:  # every later token was drawn from the decode step that consumed the previous one
+            logits.append(eng.model.logits.clone())
+        tokens.append(t)
+    with torch.no_grad():
+        full = hf.model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :].float()
+    torch.testing.assert_close(torch.stack(logits), full, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_is_reproducible_and_matches_the_reference(tiny_llm, hf):
+    tok = tiny_llm[0]
+    prompt = speech_prompt(tok, 3)
+    eng = new_engine(tiny_llm)
+    runs = []
+    for seed in (7, 7, 8):
+        eng.truncate(0)
+        eng.prefill(prompt)
+        runs.append(list(eng.decode(SPEECHGPT_SAMPLING, seed=seed)))
+    assert runs[0] == runs[1]
+    ref = hf.generate(prompt, seed=7)
+    assert runs[0] == ref.new_ids  # same HF sampling order, same RNG stream
+    assert runs[0][-1] == tok.eos_id and tok.eos_id not in runs[0][:10]
+
+
+def test_prefill_in_pieces_and_truncate_equal_a_fresh_prefill(tiny_llm):
+    tok = tiny_llm[0]
+    prompt = speech_prompt(tok, 4, n=30)
+    fresh = new_engine(tiny_llm)
+    want = fresh.prefill(prompt).clone()
+
+    eng = new_engine(tiny_llm)
+    eng.prefill(prompt[:50])
+    got = eng.prefill(prompt[50:])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert eng.pos == len(prompt)
+
+    # speculative prefill of provisional units, then roll back and prefill the final ones
+    provisional = [tok.vocab.unit_id(u) for u in (5, 6, 7, 8)]
+    eng.prefill(provisional)
+    eng.truncate(len(prompt) - 3)
+    got = eng.prefill(prompt[-3:])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # prefill at an explicit earlier position truncates implicitly
+    eng.prefill(provisional)
+    got = eng.prefill(prompt[-3:], start_pos=len(prompt) - 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gap"):
+        eng.prefill([5], start_pos=eng.pos + 1)
+    with pytest.raises(ValueError, match="holds"):
+        eng.truncate(eng.pos + 1)
+
+
+def test_cancel_stops_within_one_step(tiny_llm):
+    tok = tiny_llm[0]
+    prompt = speech_prompt(tok, 5)
+    eng = new_engine(tiny_llm)
+    eng.prefill(prompt)
+    stream = eng.decode(SPEECHGPT_SAMPLING, seed=1)
+    got = []
+    for t in stream:
+        got.append(t)
+        if len(got) == 3:
+            stream.cancel()
+    assert len(got) == 3 and stream.stop_reason == "cancelled"
+    assert eng.pos == len(prompt) + 2 and eng.pending_token == got[-1]
+    # the cache is consistent: continuing from the pending token gives the uncancelled run's next token
+    eng2 = new_engine(tiny_llm)
+    eng2.prefill(prompt)
+    full = list(eng2.decode(GREEDY, max_new_tokens=6))
+    eng.truncate(len(prompt))
+    eng.prefill(full[:3])
+    assert list(eng.decode(GREEDY, max_new_tokens=1)) == [full[3]]
+
+
+def test_async_iteration_and_cancel_from_another_task(tiny_llm):
+    tok = tiny_llm[0]
+    eng = new_engine(tiny_llm)
+    eng.prefill(speech_prompt(tok, 6))
+
+    async def main():
+        stream = eng.decode(SPEECHGPT_SAMPLING, seed=2)
+        got = []
+
+        async def consume():
+            async for t in stream:
+                got.append(t)
+                if len(got) == 5:
+                    await asyncio.sleep(0)  # let the canceller run while this token is being handled
+                    canceller.set()
+                    await asyncio.sleep(0.01)
+
+        canceller = asyncio.Event()
+
+        async def cancel_when_told():
+            await canceller.wait()
+            stream.cancel()
+
+        await asyncio.gather(consume(), cancel_when_told())
+        return got, stream.stop_reason
+
+    got, reason = asyncio.run(main())
+    assert len(got) == 5 and reason == "cancelled"
+
+
+def test_speech_mode_head_equals_masked_full_logits(tiny_llm):
+    """Inside a unit span the restricted head gives exactly the full logits with text rows at -inf."""
+    tok = tiny_llm[0]
+    v = tok.vocab
+    prompt = speech_prompt(tok, 7) + tok.encode("hello; [ta] hi; [ua]", add_bos=False) + [v.sosp]
+    eng = new_engine(tiny_llm, unit_rows_start=v.unit_base)
+    eng.prefill(prompt[:-1])
+    token = torch.tensor([v.sosp])
+    pos = torch.tensor([len(prompt) - 1], dtype=torch.int32)
+    seq = torch.zeros(1, dtype=torch.int32)
+    full = eng.model.decode_step(token, pos.clone(), seq).clone()
+    masked = eng.model.decode_step(token, pos.clone(), seq, torch.ones(1, dtype=torch.int32)).clone()
+    assert torch.isinf(masked[: v.unit_base]).all() and (masked[: v.unit_base] < 0).all()
+    torch.testing.assert_close(masked[v.unit_base :], full[v.unit_base :], rtol=0, atol=0)
+    outside = eng.model.decode_step(token, pos.clone(), seq, torch.zeros(1, dtype=torch.int32)).clone()
+    torch.testing.assert_close(outside, full, rtol=0, atol=0)
+
+    # decoding in speech mode: every token inside the span is a unit or a special
+    eng.truncate(0)
+    eng.prefill(prompt)
+    stream = eng.decode(SPEECHGPT_SAMPLING, seed=3, speech_mode=True, unit_span_open=True, max_new_tokens=80)
+    inside = []
+    for t in stream:
+        if t == v.eosp:
+            break
+        inside.append(t)
+    assert inside and all(t >= v.unit_base for t in inside)
+
+
+def test_budget_respects_the_context(tiny_llm):
+    tok = tiny_llm[0]
+    prompt = speech_prompt(tok, 8, n=10)
+    eng = new_engine(tiny_llm, max_seq=len(prompt) + 4)
+    eng.prefill(prompt)
+    stream = eng.decode(GREEDY)
+    assert len(list(stream)) == 4 and stream.stop_reason == "length"
+    with pytest.raises(RuntimeError, match="needs a prefill"):
+        eng.decode(GREEDY)
+    with pytest.raises(ValueError, match="overflows"):
+        eng.prefill(prompt + prompt, start_pos=0)
