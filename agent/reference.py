@@ -40,14 +40,12 @@ class GenerationResult:
         return len(self.new_ids) / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def build_hf_llama(arch: LlamaArch, state_dict: dict[str, torch.Tensor] | None, dtype: torch.dtype, device: str | torch.device):
-    """A transformers LlamaForCausalLM for `arch`, with `state_dict` assigned (no random init when given)."""
+def build_hf_llama(arch: LlamaArch, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device):
+    """A transformers LlamaForCausalLM for `arch` whose parameters are `state_dict`'s tensors (assigned, not copied,
+    where dtype and device already match; no random initialisation)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{k: v for k, v in arch.to_hf_config().items() if k != "torch_dtype"})
-    if state_dict is None:
-        with torch.device(device):
-            return LlamaForCausalLM(config).to(dtype).eval()
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=True, assign=True)

@@ -101,6 +101,28 @@ class LlamaWeights:
         embed = mat(arch.vocab_size, h)
         return cls(arch, embed, layers, norm(), embed if arch.tie_word_embeddings else mat(arch.vocab_size, h))
 
+    def hf_views(self) -> dict[str, torch.Tensor]:
+        """HF-named views of the fused weights (no copy): for transformers models sharing these weights."""
+        a = self.arch
+        h, kv, i = a.hidden_size, a.kv_dim, a.intermediate_size
+        sd = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm, "lm_head.weight": self.lm_head}
+        for n, L in enumerate(self.layers):
+            p = f"model.layers.{n}."
+            q, k, v = L.wqkv.split([h, kv, kv])
+            gate, up = L.w_gate_up.split([i, i])
+            sd |= {
+                p + "self_attn.q_proj.weight": q,
+                p + "self_attn.k_proj.weight": k,
+                p + "self_attn.v_proj.weight": v,
+                p + "self_attn.o_proj.weight": L.wo,
+                p + "mlp.gate_proj.weight": gate,
+                p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": L.w_down,
+                p + "input_layernorm.weight": L.attn_norm,
+                p + "post_attention_layernorm.weight": L.mlp_norm,
+            }
+        return sd
+
     def decode_bytes(self, speech_rows: int | None = None) -> int:
         """Bytes of weights one decode step reads (the embedding row is negligible)."""
         per = lambda t: t.numel() * t.element_size()  # noqa: E731

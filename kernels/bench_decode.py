@@ -1,0 +1,344 @@
+"""`speechgpt-rt bench-decode`: batch-1 decode speed of the engine against two baselines, side by side.
+
+Random weights at the chosen shape (7B = SpeechGPT-7B-cm: 32 x 4096, vocab 33006). For each context length the
+prompt is prefilled, then tokens are decoded with SpeechGPT's sampling (EOS ignored so every run has the same
+length) by:
+  (a) hf       transformers LlamaForCausalLM eager `generate` (what the original code uses), sharing the weights;
+  (b) compile  a gpt-fast-style static-cache forward written here in plain torch, compiled with
+               torch.compile(mode="reduce-overhead") (CUDA graphs through Inductor);
+  (c) engine   our DecodeEngine (Triton kernels, one CUDA graph per step, pipelined host loop).
+ms/token is the median over steps (p90 too); achieved GB/s counts the weight bytes and the KV-cache bytes each
+step reads; % of spec is against the card's datasheet memory bandwidth. Prefill time is measured for 128/512/1024
+tokens. Every number in one run, on one device, with ratios printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.checkpoint import SPEECHGPT_7B, LlamaArch
+from kernels.engine import SPEECHGPT_SAMPLING, DecodeEngine
+from kernels.model import LlamaWeights
+from kernels.rope import apply_rope_reference, rope_tables
+
+CONFIGS: dict[str, LlamaArch] = {
+    "7b": SPEECHGPT_7B,
+    "1b": LlamaArch(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=16, num_kv_heads=16, vocab_size=33006),
+    "small": LlamaArch(hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8, vocab_size=33006),
+    "tiny": LlamaArch(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=33006),
+}
+
+# Datasheet memory bandwidth, bytes/s (leads, not measurements).
+SPEC_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12, "L4": 0.3e12}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def spec_bandwidth(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(device)
+    for key, bw in SPEC_BANDWIDTH.items():
+        if key in name:
+            return name, bw
+    return name, None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(step_ms: list[float]) -> dict:
+    s = sorted(step_ms)
+    p90 = s[min(len(s) - 1, int(math.ceil(0.9 * len(s))) - 1)]
+    med = statistics.median(s)
+    return {"ms_median": med, "ms_p90": p90, "tok_s": 1000.0 / med, "steps": len(s)}
+
+
+def kv_bytes(arch: LlamaArch, context: int, elem: int) -> int:
+    return 2 * arch.num_layers * arch.num_kv_heads * context * arch.head_dim * elem
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) gpt-fast-style baseline: plain torch, static cache, masked attention over the whole cache, torch.compile
+
+
+class CompiledBaseline:
+    def __init__(self, w: LlamaWeights, max_seq: int):
+        a = w.arch
+        self.w, self.arch, self.max_seq = w, a, max_seq
+        dev, dt = w.device, w.dtype
+        shape = (a.num_layers, 1, a.num_kv_heads, max_seq, a.head_dim)
+        self.k = torch.zeros(shape, dtype=dt, device=dev)
+        self.v = torch.zeros(shape, dtype=dt, device=dev)
+        self.cos, self.sin = rope_tables(a.head_dim, max_seq, a.rope_theta, device=dev)
+        self.positions = torch.arange(max_seq, device=dev)
+        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+
+    @staticmethod
+    def _rms(x, weight, eps):
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def _step(self, token: torch.Tensor, pos: torch.Tensor):
+        a, w = self.arch, self.w
+        H, Hkv, D = a.num_heads, a.num_kv_heads, a.head_dim
+        x = F.embedding(token, w.embed)  # [1, hidden]
+        mask = (self.positions <= pos).view(1, 1, 1, -1)
+        for n, L in enumerate(w.layers):
+            h = self._rms(x, L.attn_norm, a.rms_norm_eps)
+            q, k, v = F.linear(h, L.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = apply_rope_reference(q.view(1, H, D), self.cos, self.sin, pos)
+            k = apply_rope_reference(k.view(1, Hkv, D), self.cos, self.sin, pos)
+            self.k[n].index_copy_(2, pos, k.view(1, Hkv, 1, D))
+            self.v[n].index_copy_(2, pos, v.view(1, Hkv, 1, D))
+            y = F.scaled_dot_product_attention(q.view(1, H, 1, D), self.k[n], self.v[n], attn_mask=mask, enable_gqa=H != Hkv)
+            x = x + F.linear(y.view(1, H * D), L.wo)
+            gate, up = F.linear(self._rms(x, L.mlp_norm, a.rms_norm_eps), L.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, L.w_down)
+        logits = F.linear(self._rms(x, w.norm, a.rms_norm_eps), w.lm_head).float()
+        # SpeechGPT sampling in graph-safe torch ops: temperature, top-k, top-p, exponential-race draw.
+        logits = logits / SPEECHGPT_SAMPLING.temperature
+        vals, idx = torch.topk(logits, SPEECHGPT_SAMPLING.top_k, dim=-1)  # descending
+        probs = vals.softmax(-1)
+        keep = (probs.cumsum(-1) - probs) < SPEECHGPT_SAMPLING.top_p
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+        race = torch.empty_like(probs).exponential_(1)
+        return idx.gather(-1, torch.argmax(probs / race, dim=-1, keepdim=True)).view(1)
+
+    def run(self, context: int, steps: int) -> list[float]:
+        dev = self.w.device
+        token = torch.zeros(1, dtype=torch.long, device=dev)
+        pos = torch.tensor([context], device=dev)
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            token = self.step(token, pos)
+            pos = pos + 1
+            token = token.clone()
+            _sync(dev)
+            times.append(1000.0 * (time.perf_counter() - t0))
+        return times
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) transformers eager generate over the same weights
+
+
+def hf_model_sharing(w: LlamaWeights):
+    """A transformers LlamaForCausalLM whose parameters are views of `w` (no second copy of the weights)."""
+    from agent.reference import build_hf_llama
+
+    return build_hf_llama(w.arch, w.hf_views(), w.dtype, w.device)
+
+
+def run_hf(model, context: int, steps: int, device: torch.device) -> list[float]:
+    """Per-step times of HF eager generate, stamped by a logits processor (called once per step; generate syncs
+    every step anyway for its stopping check, so the extra sync costs nothing)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            _sync(device)
+            stamps.append(time.perf_counter())
+            return scores
+
+    ids = torch.randint(3, 32000, (1, context), device=device)
+    kw = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.8, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        stamps.clear()
+        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, logits_processor=LogitsProcessorList([Stamp()]), **kw)
+    return [1000.0 * (b - a) for a, b in zip(stamps, stamps[1:])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) the engine
+
+
+def run_engine(engine: DecodeEngine, context: int, steps: int, vocab: int) -> tuple[list[float], list[float]]:
+    """(host-loop per-token times, graph-replay per-step times) in ms."""
+    dev = engine.device
+    engine.truncate(0)
+    engine.prefill(torch.randint(3, 32000, (context,)))
+    stream = engine.decode(SPEECHGPT_SAMPLING, seed=0, max_new_tokens=steps + 1, stop_ids=())
+    list(stream)
+    loop_ms = stream.stats.step_times_ms()[1:]  # the first interval includes the first sample from prefill logits
+    replay_ms: list[float] = []
+    if engine.use_graphs:
+        graph = engine._graph(SPEECHGPT_SAMPLING, False)
+        engine.truncate(context)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(steps):
+            engine.pos_dev.fill_(context)  # re-run the step at the same context
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            replay_ms.append(start.elapsed_time(end))
+    return loop_ms, replay_ms
+
+
+def time_prefill(engine: DecodeEngine, n: int, repeats: int = 3) -> float:
+    tokens = torch.randint(3, 32000, (n,))
+    times = []
+    for _ in range(repeats):
+        engine.truncate(0)
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        engine.prefill(tokens)
+        _sync(engine.device)
+        times.append(1000.0 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def benchmark(config: str, device: str, dtype: str, contexts: list[int], steps: int, methods: list[str], log=print) -> dict:
+    dev = torch.device(device)
+    arch = CONFIGS[config]
+    dt = DTYPES[dtype]
+    name, bw = spec_bandwidth(dev)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    weights = LlamaWeights.random(arch, dt, dev, seed=0)
+    log(f"[bench-decode] {config} {dtype} on {name}: random weights in {time.perf_counter() - t0:.1f}s")
+    wbytes = weights.decode_bytes()
+    elem = torch.finfo(dt).bits // 8
+    max_seq = arch.max_position_embeddings
+    out: dict = {
+        "device": name,
+        "spec_bandwidth_Bps": bw,
+        "config": config,
+        "arch": arch.__dict__,
+        "dtype": dtype,
+        "weight_bytes_per_step": wbytes,
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "results": [],
+        "prefill_ms": {},
+        "errors": {},
+    }
+    try:
+        import triton
+
+        out["versions"]["triton"] = triton.__version__
+    except Exception:  # pragma: no cover - triton is optional on the CPU
+        pass
+
+    engine = DecodeEngine(weights, max_seq=max_seq)
+    if engine.use_graphs:
+        t0 = time.perf_counter()
+        engine.truncate(0)
+        engine.prefill([1])
+        engine.warmup(SPEECHGPT_SAMPLING)
+        log(f"[bench-decode] engine graph captured in {time.perf_counter() - t0:.1f}s")
+
+    def record(method: str, context: int, step_ms: list[float], **extra) -> None:
+        row = {"method": method, "context": context, **_stats(step_ms), **extra}
+        nbytes = wbytes + kv_bytes(arch, context if method != "compile" else max_seq, elem)
+        row["GBps"] = nbytes / (row["ms_median"] / 1000.0) / 1e9
+        row["pct_spec"] = 100.0 * nbytes / (row["ms_median"] / 1000.0) / bw if bw else None
+        out["results"].append(row)
+        log(f"  {method:>14} ctx {context:5d}: {row['ms_median']:8.3f} ms/token (p90 {row['ms_p90']:.3f}), "
+            f"{row['tok_s']:7.1f} tok/s, {row['GBps']:7.1f} GB/s" + (f", {row['pct_spec']:.1f}% of spec" if bw else ""))
+
+    compiled = None
+    hf = None
+    for requested in contexts:
+        if not 0 < requested <= max_seq:
+            raise ValueError(f"context {requested} is outside the {max_seq}-position window")
+        # A context at the end of the window starts early enough that its decode steps still fit.
+        n = steps
+        ctx = min(requested, max_seq - n - 1)
+        if ctx != requested:
+            log(f"  context {requested}: prompt of {ctx} tokens + {n} steps ends at {ctx + n + 1}")
+        if "engine" in methods:
+            try:
+                loop_ms, replay_ms = run_engine(engine, ctx, n, arch.vocab_size)
+                record("engine", ctx, loop_ms, requested_context=requested)
+                if replay_ms:
+                    record("engine_replay", ctx, replay_ms, requested_context=requested)
+            except Exception as e:
+                out["errors"][f"engine@{ctx}"] = traceback.format_exc(limit=4)
+                log(f"  engine failed at {ctx}: {e}")
+        if "compile" in methods:
+            try:
+                if compiled is None:
+                    t0 = time.perf_counter()
+                    compiled = CompiledBaseline(weights, max_seq)
+                    compiled.run(ctx, 3)
+                    out["compile_seconds"] = time.perf_counter() - t0
+                    log(f"[bench-decode] torch.compile baseline compiled in {out['compile_seconds']:.1f}s")
+                record("compile", ctx, compiled.run(ctx, n), requested_context=requested)
+            except Exception as e:
+                out["errors"][f"compile@{ctx}"] = traceback.format_exc(limit=4)
+                log(f"  compile baseline failed at {ctx}: {e}")
+                methods = [m for m in methods if m != "compile"]
+        if "hf" in methods:
+            try:
+                hf = hf or hf_model_sharing(weights)
+                record("hf_eager", ctx, run_hf(hf, ctx, min(n, 32), dev), requested_context=requested)
+            except Exception as e:
+                out["errors"][f"hf@{ctx}"] = traceback.format_exc(limit=4)
+                log(f"  hf baseline failed at {ctx}: {e}")
+    for n_tok in (128, 512, 1024):
+        if n_tok < max_seq:
+            out["prefill_ms"][str(n_tok)] = time_prefill(engine, n_tok)
+            log(f"  prefill {n_tok:5d} tokens: {out['prefill_ms'][str(n_tok)]:.2f} ms")
+
+    # Ratios, side by side per context.
+    ratios = {}
+    for ctx in contexts:
+        by = {r["method"]: r["ms_median"] for r in out["results"] if r["requested_context"] == ctx}
+        if "engine" in by:
+            ratios[str(ctx)] = {f"{m}_over_engine": by[m] / by["engine"] for m in ("hf_eager", "compile") if m in by}
+    out["ratios"] = ratios
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"bench-decode: {res['config']} {res['dtype']} on {res['device']}", f"{'method':>14} {'ctx':>5} {'ms/tok':>8} {'p90':>8} {'tok/s':>8} {'GB/s':>8} {'%spec':>6}"]
+    for r in res["results"]:
+        pct = f"{r['pct_spec']:.1f}" if r.get("pct_spec") else "-"
+        lines.append(f"{r['method']:>14} {r['context']:>5} {r['ms_median']:8.3f} {r['ms_p90']:8.3f} {r['tok_s']:8.1f} {r['GBps']:8.1f} {pct:>6}")
+    for ctx, rs in res["ratios"].items():
+        lines.append(f"ctx {ctx}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in rs.items()))
+    lines.append("prefill ms: " + ", ".join(f"{k}: {v:.2f}" for k, v in res["prefill_ms"].items()))
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--config", default="7b", choices=sorted(CONFIGS))
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--context", type=int, nargs="+", default=[256, 1024, 2048],
+                        help="prompt lengths to decode after (at the window's end the prompt is shortened by --steps)")
+    parser.add_argument("--steps", type=int, default=128, help="decode steps timed per context")
+    parser.add_argument("--methods", default="engine,compile,hf", help="comma list of engine, compile, hf")
+    parser.add_argument("--json", type=Path, required=True, help="write results here")
+
+
+def run(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench-decode: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2))
+    print(format_table(res))
+    return 0 if not res["errors"] else 1
