@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VPY) -m agent.demo --bundle $(TINY)
+	$(VENV)/bin/speechgpt-rt demo --bundle $(TINY)
 
 # For a lent GPU machine: runs on its preinstalled torch/triton (no installs), writes JSON under $$OUT.
 gpu-check:

@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("agent.demo", "the main job on the embedded default: answer a shipped spoken question with the tiny bundle"),
     "make-tiny": ("agent.tiny", "write a tiny random-weight bundle in the release file formats"),
     "respond": ("agent.respond", "reference pipeline: one spoken (or text) question in, one reply WAV out"),
     "convert": ("agent.convert", "release files -> fast-loading deployment bundle (safetensors, no pickle)"),

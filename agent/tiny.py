@@ -27,8 +27,8 @@ TOKENIZER_MODEL = ASSETS / "tiny_tokenizer.model"
 TOKENIZER_TEMPLATES = ASSETS / "tiny_tokenizer"
 
 TINY_LLM = LlamaArch(
-    hidden_size=64,
-    intermediate_size=172,
+    hidden_size=128,
+    intermediate_size=344,
     num_layers=2,
     num_heads=4,
     num_kv_heads=4,
@@ -37,18 +37,19 @@ TINY_LLM = LlamaArch(
     max_position_embeddings=2048,
 )
 
-# Canned content. The tiny model learns the answer *format*; these strings are all it can say.
+# Canned content. The tiny model learns the answer *format*; these strings are all it can say. They are worded so
+# that nobody mistakes them for recognition or understanding.
 TINY_QUESTIONS = (
-    "what is the capital of france",
-    "how are you today",
-    "tell me a joke",
-    "what time is it",
+    "canned question alpha",
+    "canned question bravo",
+    "canned question charlie",
+    "canned question delta",
 )
 TINY_ANSWERS = (
-    "The capital of France is Paris.",
-    "I am fine, thank you.",
-    "Why did the chicken cross the road?",
-    "It is time to test the pipeline.",
+    "Canned answer alpha.",
+    "Canned answer bravo.",
+    "Canned answer charlie.",
+    "Canned answer delta.",
 )
 
 TINY_NOTICE = (
@@ -60,7 +61,7 @@ TINY_NOTICE = (
 
 @dataclass(frozen=True)
 class TinyTrainConfig:
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 8
     lr: float = 1e-2
     max_input_units: int = 120
@@ -87,7 +88,7 @@ def _unit_answers(rng: random.Random) -> list[list[int]]:
 
 def synthetic_example(tokenizer, rng: random.Random, unit_answers: list[list[int]], max_input_units: int) -> tuple[list[int], int]:
     """(token ids, prompt length) of one training sequence: an official prompt and a well-formed answer + EOS."""
-    task = rng.choice([Task.SPEECH, Task.SPEECH, Task.SPEECH, Task.ASR, Task.TTS, Task.TEXT])
+    task = rng.choice([Task.SPEECH, Task.ASR, Task.TTS, Task.TEXT])
     k = rng.randrange(len(TINY_ANSWERS))
     if task in (Task.SPEECH, Task.ASR):
         n = rng.randint(3, max_input_units)
