@@ -15,6 +15,8 @@ from kernels.model import LlamaWeights
 from kernels.sampling import SamplingParams
 
 GREEDY = SamplingParams(greedy=True, min_new_tokens=0)
+# The tiny model's answers are ~40 tokens; to compare 64+ steps both sides decode through EOS.
+GREEDY_THROUGH_EOS = SamplingParams(greedy=True, min_new_tokens=0, eos_id=-1)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +39,11 @@ def test_greedy_equals_transformers_for_64_steps(tiny_llm, hf):
     tok = tiny_llm[0]
     for seed in (0, 1):
         prompt = speech_prompt(tok, seed)
-        ref = hf.generate(prompt, params=GREEDY, max_new_tokens=64)
+        ref = hf.generate(prompt, params=GREEDY_THROUGH_EOS, max_new_tokens=80)
         eng = new_engine(tiny_llm)
         eng.prefill(prompt)
-        got = list(eng.decode(GREEDY, max_new_tokens=64))
-        assert len(ref.new_ids) == 64, "the tiny model's answers are longer than 64 tokens"
+        got = list(eng.decode(GREEDY_THROUGH_EOS, max_new_tokens=80))
+        assert len(ref.new_ids) == 80 and tok.eos_id in ref.new_ids  # the answer and what follows its EOS
         assert got == ref.new_ids
 
 

@@ -1,0 +1,288 @@
+"""Split-K ("flash-decoding") attention for one query token over a static KV cache.
+
+q [H, D], k_cache / v_cache [Hkv, S_max, D] (H % Hkv == 0: GQA-capable, SpeechGPT is MHA), `seq_len` an int32
+device tensor [1] = number of valid cache positions including the current token (already written).
+
+With one program per head only H = 32 of ~132 SMs would work at long contexts, so the sequence is split:
+stage 1 runs a (H, num_splits) grid; program (h, s) handles positions [s * chunk, min((s + 1) * chunk, seq_len))
+with an online softmax and writes its partial max m, sum of exponentials l (relative to m) and un-normalised
+accumulator acc to an fp32 scratch [H, num_splits, D + 2]. `chunk` is a launch-time constant derived from S_max and
+num_splits, so the grid never depends on device values and a captured CUDA graph is valid for any seq_len <= S_max.
+A split past seq_len writes the neutral element (m = -inf, l = 0, acc = 0). Stage 2 (one program per head) merges
+the splits: out = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M). Scores are kept in log2 units (scale folded
+with log2(e) into q) so the kernels use exp2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "choose_num_splits",
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_attention_scratch",
+    "decode_attention_triton",
+    "split_chunk",
+]
+
+_LOG2E = 1.4426950408889634
+_DEFAULT_BLOCK_N = 64
+_MAX_SPLITS = 128
+_NOMINAL_SMS = 132  # H100 SXM; used when planning on a machine without CUDA
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_len: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q . K[:L]^T * scale) . V[:L] computed in fp32; returns fp32 [H, D]."""
+    h, d = q.shape
+    hkv = k_cache.shape[0]
+    if h % hkv:
+        raise ValueError(f"decode_attention: {h} query heads not divisible by {hkv} KV heads")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    group = h // hkv
+    keys = k_cache[:, :seq_len].float().repeat_interleave(group, dim=0)  # [H, L, D]
+    values = v_cache[:, :seq_len].float().repeat_interleave(group, dim=0)
+    scores = torch.einsum("hd,hld->hl", q.float(), keys) * scale
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hl,hld->hd", probs, values)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(
+    num_heads: int,
+    s_max: int,
+    device: torch.device | str | None = None,
+    block_n: int = _DEFAULT_BLOCK_N,
+) -> int:
+    """Splits so that num_heads * num_splits is ~2 programs per SM at full context (H=32 on 132 SMs: 8 splits
+    of 256 positions for S_max=2048), each split at least two BLOCK_N tiles and none wholly past S_max. Fixed per
+    cache size: at short contexts the trailing splits are empty and cost one tiny program each."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = _NOMINAL_SMS
+    target = triton.cdiv(2 * sms, num_heads)
+    useful = max(1, triton.cdiv(s_max, 2 * block_n))
+    splits = max(1, min(target, useful, _MAX_SPLITS))
+    # Prefer whole tiles per split (exact for power-of-two caches), then drop splits that would start past S_max.
+    chunk = triton.cdiv(triton.cdiv(s_max, splits), block_n) * block_n
+    return triton.cdiv(s_max, chunk)
+
+
+def split_chunk(s_max: int, num_splits: int) -> int:
+    """Positions per split: a launch-time constant (never a device value)."""
+    return triton.cdiv(s_max, num_splits)
+
+
+def decode_attention_scratch(
+    num_heads: int, head_dim: int, num_splits: int, device: torch.device | str
+) -> torch.Tensor:
+    """fp32 [H, num_splits, D + 2]: acc in [..., :D], max in [..., D], sum of exponentials in [..., D + 1]."""
+    return torch.empty((num_heads, num_splits, head_dim + 2), dtype=torch.float32, device=device)
+
+
+@triton.jit
+def _decode_attn_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    seq_len_ptr,
+    scratch_ptr,
+    stride_qh,
+    stride_kh,
+    stride_ks,
+    stride_vh,
+    stride_vs,
+    qk_scale,
+    chunk,
+    num_splits,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    kv_head = head // GROUP
+    seq_len = tl.load(seq_len_ptr).to(tl.int32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    # Scale and log2(e) folded into q once, so the inner loop is a dot and an exp2.
+    q = tl.load(q_ptr + head * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32) * qk_scale
+    k_base = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + kv_head.to(tl.int64) * stride_vh
+
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    # Dynamic bounds: an empty split (start >= seq_len) runs no iteration and keeps the neutral element.
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        scores = tl.where(nmask, scores, float("-inf"))
+        # Each tile has at least one valid position (n0 < end), so m_new is finite and nothing becomes NaN.
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+
+    row = scratch_ptr + (head * num_splits + split).to(tl.int64) * (D + 2)
+    tl.store(row + offs_d, acc, mask=dmask)
+    # m_i / l_i are [1] blocks (loop-carried); reduce them to scalars for the scalar stores.
+    tl.store(row + D, tl.max(m_i, axis=0))
+    tl.store(row + D + 1, tl.sum(l_i, axis=0))
+
+
+@triton.jit
+def _decode_attn_combine_kernel(
+    scratch_ptr,
+    out_ptr,
+    stride_oh,
+    num_splits,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    head = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    rows = scratch_ptr + (head * num_splits + offs_s).to(tl.int64) * (D + 2)
+    m = tl.load(rows + D, mask=smask, other=float("-inf"))
+    l = tl.load(rows + D + 1, mask=smask, other=0.0)
+    m_all = tl.max(m, axis=0)
+    # Empty splits (m = -inf) get weight 0 explicitly: exp2(-inf - -inf) would be NaN if every split were empty.
+    w = tl.where(m > float("-inf"), tl.exp2(m - m_all), 0.0)
+    denom = tl.sum(l * w, axis=0)
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    acc = tl.load(rows[:, None] + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / denom
+    tl.store(out_ptr + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_len: torch.Tensor,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_n: int = _DEFAULT_BLOCK_N,
+) -> torch.Tensor:
+    """One-token attention over the cache; returns out [H, D] in q's dtype. Graph-safe: seq_len is read on the
+    device, the grid depends only on shapes and num_splits."""
+    if q.dim() != 2 or q.stride(1) != 1:
+        raise ValueError(f"decode_attention: q must be [H, D] with a contiguous last dim, got {tuple(q.shape)}")
+    h, d = q.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 3 or cache.shape[2] != d or cache.stride(2) != 1:
+            raise ValueError(
+                f"decode_attention: {name} must be [Hkv, S_max, {d}] with a contiguous last dim, "
+                f"got {tuple(cache.shape)} strides {cache.stride()}"
+            )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    hkv, s_max = k_cache.shape[0], k_cache.shape[1]
+    if h % hkv:
+        raise ValueError(f"decode_attention: {h} query heads not divisible by {hkv} KV heads")
+    if seq_len.numel() != 1 or seq_len.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"decode_attention: seq_len must be an int32 tensor [1], got {seq_len.dtype} {tuple(seq_len.shape)}"
+        )
+    if num_splits is None:
+        num_splits = choose_num_splits(h, s_max, q.device, block_n)
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"decode_attention: num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+    if scratch is None:
+        scratch = decode_attention_scratch(h, d, num_splits, q.device)
+    if scratch.shape != (h, num_splits, d + 2) or scratch.dtype != torch.float32 or not scratch.is_contiguous():
+        raise ValueError(
+            f"decode_attention: scratch must be contiguous fp32 {(h, num_splits, d + 2)}, "
+            f"got {scratch.dtype} {tuple(scratch.shape)}"
+        )
+    if out is None:
+        out = torch.empty_like(q)
+    if out.shape != q.shape or out.stride(1) != 1:
+        raise ValueError(f"decode_attention: out must be {tuple(q.shape)} with a contiguous last dim")
+
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    chunk = split_chunk(s_max, num_splits)
+    block_d = triton.next_power_of_2(d)
+    _decode_attn_split_kernel[(h, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        seq_len,
+        scratch,
+        q.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        scale * _LOG2E,
+        chunk,
+        num_splits,
+        GROUP=h // hkv,
+        D=d,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+    _decode_attn_combine_kernel[(h,)](
+        scratch,
+        out,
+        out.stride(0),
+        num_splits,
+        D=d,
+        BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=4,
+    )
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_len: torch.Tensor,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dispatcher: the Triton kernels on CUDA, the fp32 torch reference (cast to q's dtype) elsewhere."""
+    if q.is_cuda:
+        return decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=num_splits, out=out, scratch=scratch)
+    y = decode_attention_reference(q, k_cache, v_cache, int(seq_len.reshape(-1)[0])).to(q.dtype)
+    if out is not None:
+        out.copy_(y)
+        y = out
+    return y

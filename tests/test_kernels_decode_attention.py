@@ -1,0 +1,201 @@
+"""Split-K decode attention: Triton (two stages, fp32 scratch) vs the fp32 softmax reference, under the dtype rule
+(the low-precision baseline is plain torch attention computed in that dtype)."""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+from kernels import decode_attention as da
+
+GPU_TIER = os.environ.get("SPEECHGPT_RT_GPU_TIER") == "1"
+DEVICE = "cuda" if GPU_TIER and torch.cuda.is_available() else "cpu"
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-6, torch.bfloat16: 1e-6}
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    # A fresh, reproducible seed for every parameter case; GPU-tier tests draw their (large) inputs on the device.
+    device = "cuda" if request.node.get_closest_marker("gpu") else "cpu"
+    return torch.Generator(device=device).manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def no_tf32():
+    # The fp32 reference must be fp32 on the GPU too.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _assert_dtype_rule(kernel: torch.Tensor, torch_lowp: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    k_err = (kernel.float() - ref.float()).abs().max().item()
+    t_err = (torch_lowp.float() - ref.float()).abs().max().item()
+    floor = FLOOR[kernel.dtype]
+    assert k_err <= 2 * t_err + floor, f"{what}: kernel err {k_err:.3e} > 2 x torch err {t_err:.3e} + {floor:.0e}"
+
+
+def _torch_lowp_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Plain torch attention with every op in the input dtype (the baseline of the dtype rule)."""
+    h, d = q.shape
+    group = h // k_cache.shape[0]
+    keys = k_cache[:, :seq_len].repeat_interleave(group, dim=0)
+    values = v_cache[:, :seq_len].repeat_interleave(group, dim=0)
+    scores = torch.einsum("hd,hld->hl", q, keys) * (1.0 / math.sqrt(d))
+    return torch.einsum("hl,hld->hd", torch.softmax(scores, dim=-1), values)
+
+
+def _inputs(gen: torch.Generator, h: int, hkv: int, d: int, s_max: int, dtype: torch.dtype, device: str):
+    q = torch.randn((h, d), generator=gen, device=gen.device).to(device=device, dtype=dtype)
+    k_cache = torch.randn((hkv, s_max, d), generator=gen, device=gen.device).to(device=device, dtype=dtype)
+    v_cache = torch.randn((hkv, s_max, d), generator=gen, device=gen.device).to(device=device, dtype=dtype)
+    return q, k_cache, v_cache
+
+
+def _check(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_len: int,
+    num_splits: int | None,
+    block_n: int,
+    what: str,
+) -> torch.Tensor:
+    seq_len_t = torch.tensor([seq_len], dtype=torch.int32, device=q.device)
+    out = da.decode_attention_triton(q, k_cache, v_cache, seq_len_t, num_splits=num_splits, block_n=block_n)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    ref = da.decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), seq_len)
+    _assert_dtype_rule(out, _torch_lowp_attention(q, k_cache, v_cache, seq_len), ref, what)
+    return out
+
+
+CASES = [
+    # h, hkv, d, s_max, seq_len, num_splits, block_n
+    (4, 4, 32, 37, 1, 4, 8),  # one valid position: every split but the first is empty
+    (4, 4, 32, 37, 37, 3, 8),  # seq_len = S_max; chunk 13 is not a multiple of the block
+    (4, 4, 32, 37, 14, 3, 8),  # ends one past a split boundary
+    (4, 2, 64, 50, 23, 5, 16),  # GQA; seq_len not a multiple of the block
+    (2, 2, 48, 20, 20, 1, 16),  # head dim not a power of two; a single split
+    (4, 4, 32, 64, 40, None, 64),  # automatic num_splits
+    (2, 1, 32, 30, 30, 7, 4),  # more splits than needed: trailing splits empty at full length
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("h,hkv,d,s_max,seq_len,num_splits,block_n", CASES)
+def test_decode_attention_matches_reference(gen, dtype, h, hkv, d, s_max, seq_len, num_splits, block_n):
+    q, k_cache, v_cache = _inputs(gen, h, hkv, d, s_max, dtype, DEVICE)
+    _check(q, k_cache, v_cache, seq_len, num_splits, block_n, f"{dtype} {h}/{hkv}x{d} S={s_max} L={seq_len}")
+
+
+def test_empty_splits_write_the_neutral_element(gen):
+    h, d, s_max, splits = 2, 32, 40, 4
+    q, k_cache, v_cache = _inputs(gen, h, h, d, s_max, torch.float32, DEVICE)
+    scratch = torch.full((h, splits, d + 2), float("nan"), device=DEVICE)  # stale garbage must be overwritten
+    seq_len = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    out = da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, scratch=scratch, block_n=8)
+    empty = scratch[:, 1:]
+    assert torch.all(empty[..., d] == float("-inf"))  # max
+    assert torch.all(empty[..., d + 1] == 0)  # sum of exponentials
+    assert torch.all(empty[..., :d] == 0)  # accumulator
+    assert torch.isfinite(scratch[:, 0]).all()
+    torch.testing.assert_close(out, da.decode_attention_reference(q, k_cache, v_cache, 3), atol=1e-5, rtol=1e-5)
+
+
+def test_preallocated_buffers_follow_the_device_seq_len(gen):
+    # Graph-style use: same out/scratch/seq_len tensors, seq_len changed in place between launches.
+    h, d, s_max = 2, 32, 24
+    q, k_cache, v_cache = _inputs(gen, h, h, d, s_max, torch.float32, DEVICE)
+    splits = da.choose_num_splits(h, s_max, DEVICE, block_n=8)
+    scratch = da.decode_attention_scratch(h, d, splits, DEVICE)
+    out = torch.empty_like(q)
+    seq_len = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for length in (1, 9, 24, 5):
+        seq_len.fill_(length)
+        got = da.decode_attention_triton(
+            q, k_cache, v_cache, seq_len, num_splits=splits, out=out, scratch=scratch, block_n=8
+        )
+        assert got.data_ptr() == out.data_ptr()
+        ref = da.decode_attention_reference(q, k_cache, v_cache, length)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_choose_num_splits_fills_an_h100_at_full_context():
+    splits = da.choose_num_splits(32, 2048, "cpu")  # planned for the nominal 132 SMs
+    chunk = da.split_chunk(2048, splits)
+    assert 32 * splits >= 132  # every SM busy
+    assert chunk % 64 == 0 and chunk * splits >= 2048 and chunk * (splits - 1) < 2048  # no split wholly past S_max
+    assert da.choose_num_splits(32, 64, "cpu") == 1  # short caches: one split
+
+
+def test_reference_matches_sdpa(gen):
+    q, k_cache, v_cache = _inputs(gen, 4, 4, 32, 20, torch.float32, "cpu")
+    seq_len = 13
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, None, None], k_cache[:, None, :seq_len], v_cache[:, None, :seq_len]
+    )[:, 0, 0]
+    torch.testing.assert_close(da.decode_attention_reference(q, k_cache, v_cache, seq_len), expected)
+
+
+def test_bad_inputs_raise(gen):
+    q, k_cache, v_cache = _inputs(gen, 3, 2, 32, 8, torch.float32, "cpu")
+    seq_len = torch.tensor([4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="divisible"):
+        da.decode_attention_triton(q, k_cache, v_cache, seq_len)
+    q, k_cache, v_cache = _inputs(gen, 2, 2, 32, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="scratch"):
+        da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=2, scratch=torch.empty(2, 3, 34))
+
+
+def test_dispatcher_uses_reference_on_cpu(gen, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the CPU path must not launch Triton")
+
+    monkeypatch.setattr(da, "decode_attention_triton", boom)
+    q, k_cache, v_cache = _inputs(gen, 2, 2, 32, 8, torch.float16, "cpu")
+    got = da.decode_attention(q, k_cache, v_cache, torch.tensor([5], dtype=torch.int32))
+    expected = da.decode_attention_reference(q, k_cache, v_cache, 5).to(torch.float16)
+    assert got.dtype == torch.float16 and torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU tier: LLaMA-7B (H = 32, head 128, S_max = 2048) in bf16
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hkv", [32, 8])
+def test_gpu_decode_attention_7b_bf16(gen, no_tf32, hkv):
+    q, k_cache, v_cache = _inputs(gen, 32, hkv, 128, 2048, torch.bfloat16, "cuda")
+    for seq_len in (1, 7, 64, 1000, 2047, 2048):
+        _check(q, k_cache, v_cache, seq_len, None, 64, f"bf16 32/{hkv}x128 L={seq_len}")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_attention_in_a_cuda_graph(gen, no_tf32):
+    h, d, s_max = 32, 128, 2048
+    q, k_cache, v_cache = _inputs(gen, h, h, d, s_max, torch.bfloat16, "cuda")
+    splits = da.choose_num_splits(h, s_max, "cuda")
+    scratch = da.decode_attention_scratch(h, d, splits, "cuda")
+    out = torch.empty_like(q)
+    seq_len = torch.tensor([1], dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, out=out, scratch=scratch)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, out=out, scratch=scratch)
+    for length in (1, 300, 2048, 17):
+        seq_len.fill_(length)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = da.decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), length)
+        _assert_dtype_rule(out, _torch_lowp_attention(q, k_cache, v_cache, length), ref, f"graph L={length}")
