@@ -208,7 +208,7 @@ def time_prefill(engine: DecodeEngine, n: int, repeats: int = 3) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def benchmark(config: str, device: str, dtype: str, contexts: list[int], steps: int, methods: list[str], log=print) -> dict:
+def benchmark(config: str, device: str, dtype: str, contexts: list[int], steps: int, methods: list[str], gemv: str = "auto", log=print) -> dict:
     dev = torch.device(device)
     arch = CONFIGS[config]
     dt = DTYPES[dtype]
@@ -239,7 +239,13 @@ def benchmark(config: str, device: str, dtype: str, contexts: list[int], steps: 
     except Exception:  # pragma: no cover - triton is optional on the CPU
         pass
 
-    engine = DecodeEngine(weights, max_seq=max_seq)
+    t0 = time.perf_counter()
+    engine = DecodeEngine(weights, max_seq=max_seq, gemv=gemv)
+    out["gemv"] = {"mode": gemv, "per_shape": engine.gemv_report}
+    for kind, row in engine.gemv_report.items():
+        log(f"[bench-decode] GEMV {kind:>7} {row['n']}x{row['k']}: cuBLAS {row['torch_us']:.1f} us, Triton {row['triton_us']:.1f} us "
+            f"-> {row['choice']}")
+    log(f"[bench-decode] engine ready in {time.perf_counter() - t0:.1f}s")
     if engine.use_graphs:
         t0 = time.perf_counter()
         engine.truncate(0)
@@ -329,6 +335,8 @@ def add_arguments(parser) -> None:
                         help="prompt lengths to decode after (at the window's end the prompt is shortened by --steps)")
     parser.add_argument("--steps", type=int, default=128, help="decode steps timed per context")
     parser.add_argument("--methods", default="engine,compile,hf", help="comma list of engine, compile, hf")
+    parser.add_argument("--gemv", default="auto", choices=["auto", "torch", "triton"],
+                        help="engine GEMVs: auto = measure cuBLAS vs Triton per shape and keep the faster")
     parser.add_argument("--json", type=Path, required=True, help="write results here")
 
 
@@ -337,7 +345,7 @@ def run(args) -> int:
         print("bench-decode: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","))
+    res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","), args.gemv)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2))
     print(format_table(res))

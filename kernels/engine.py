@@ -26,6 +26,9 @@ from kernels.sampling import SamplerState, SamplingParams, sample, sampling_scra
 
 SPEECHGPT_SAMPLING = SamplingParams(temperature=0.7, top_k=50, top_p=0.8, min_new_tokens=10, eos_id=2)
 
+# (N, K, dtype, device name) -> bench_gemv row with the decision, measured once per process.
+_GEMV_DECISIONS: dict[tuple, dict] = {}
+
 
 @dataclass
 class DecodeStats:
@@ -47,7 +50,10 @@ class DecodeEngine:
         unit_rows_start: int | None = 32000,
         unit_span_ids: tuple[int, int] = (33000, 33001),
         cuda_graphs: bool = True,
+        gemv: str = "torch",
     ):
+        """gemv: "torch" (cuBLAS), "triton", or "auto" = measure both per weight shape on this device and keep the
+        faster (kernels.gemv.bench_gemv; results cached per shape and device for the process)."""
         self.model = LlamaModel(weights, max_seq, unit_rows_start)
         self.device = self.model.device
         self.max_seq = self.model.max_seq
@@ -66,9 +72,34 @@ class DecodeEngine:
         self._cpu_generator: torch.Generator | None = None
         self._lock = threading.Lock()  # one decode at a time
         self.pending_token: int | None = None  # last token decoded but not yet fed to the model
+        self.gemv_report: dict[str, dict] = {}
+        if gemv not in ("torch", "triton", "auto"):
+            raise ValueError(f"gemv must be 'torch', 'triton' or 'auto', got {gemv!r}")
+        if dev.type == "cuda" and gemv != "torch":
+            self._choose_gemv(force_triton=gemv == "triton")
         if self.use_graphs:
             self._host_tokens = torch.zeros(2, dtype=torch.int64, pin_memory=True)
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def _choose_gemv(self, force_triton: bool) -> None:
+        from kernels.gemv import BENCH_CONFIGS, default_config
+
+        shapes = self.model.gemv_shapes()
+        for kind, (n, k) in shapes.items():
+            if force_triton:
+                self.model.gemv_choice[kind] = default_config(n, k)
+                continue
+            key = (n, k, self.model.dtype, torch.cuda.get_device_name(self.device))
+            if key not in _GEMV_DECISIONS:
+                from kernels.gemv import bench_gemv
+
+                (row,) = bench_gemv(((n, k),), dtype=self.model.dtype, configs=BENCH_CONFIGS[:4], device=str(self.device), verbose=False)
+                # Keep Triton only when it beats cuBLAS by a margin larger than run-to-run noise.
+                row["choice"] = "triton" if row["best_config"] is not None and row["torch_over_triton"] > 1.03 else "torch"
+                _GEMV_DECISIONS[key] = row
+            row = _GEMV_DECISIONS[key]
+            self.gemv_report[kind] = {k2: (str(v) if k2 == "best_config" else v) for k2, v in row.items()}
+            self.model.gemv_choice[kind] = row["best_config"] if row["choice"] == "triton" else None
 
     @classmethod
     def from_checkpoint(

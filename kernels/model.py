@@ -162,6 +162,23 @@ class LlamaModel:
         self.num_splits = choose_num_splits(arch.num_heads, self.max_seq, self.device)
         self.attn_scratch = decode_attention_scratch(arch.num_heads, arch.head_dim, self.num_splits, self.device)
         self.logits = torch.empty(arch.vocab_size, dtype=torch.float32, device=self.device)
+        # Per weight kind ("qkv", "o", "gate_up", "down", "head"): a Triton GEMV config, or None for cuBLAS
+        # (F.linear). Set by the engine from a measurement (kernels.gemv.bench_gemv); cuBLAS by default.
+        self.gemv_choice: dict[str, object] = {}
+
+    def gemv_shapes(self) -> dict[str, tuple[int, int]]:
+        L = self.w.layers[0]
+        return {"qkv": tuple(L.wqkv.shape), "o": tuple(L.wo.shape), "gate_up": tuple(L.w_gate_up.shape),
+                "down": tuple(L.w_down.shape), "head": tuple(self.w.lm_head.shape)}
+
+    def _mv(self, kind: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Batch-1 matrix-vector product x [1, K] -> [1, N] with the measured-fastest implementation."""
+        cfg = self.gemv_choice.get(kind)
+        if cfg is None:
+            return F.linear(x, weight)
+        from kernels.gemv import gemv_triton
+
+        return gemv_triton(x, weight, config=cfg)
 
     # ---- prefill --------------------------------------------------------------------------------------------
 
@@ -229,23 +246,24 @@ class LlamaModel:
                 h, residual = rmsnorm(x, L.attn_norm, arch.rms_norm_eps), x
             else:
                 h, residual = add_rmsnorm(x, residual, L.attn_norm, arch.rms_norm_eps)
-            qkv = F.linear(h, L.wqkv)[0]
+            qkv = self._mv("qkv", h, L.wqkv)[0]
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D])
             q = rope_kv_write(q.view(H, D), k.view(Hkv, D), v.view(Hkv, D), self.cos, self.sin, pos, self.cache.k[n], self.cache.v[n])
             attn = decode_attention(q, self.cache.k[n], self.cache.v[n], seq_len, num_splits=self.num_splits, scratch=self.attn_scratch)
-            x = F.linear(attn.reshape(1, H * D), L.wo)
+            x = self._mv("o", attn.reshape(1, H * D), L.wo)
             h, residual = add_rmsnorm(x, residual, L.mlp_norm, arch.rms_norm_eps)
-            x = F.linear(silu_mul(F.linear(h, L.w_gate_up)), L.w_down)
+            x = self._mv("down", silu_mul(self._mv("gate_up", h, L.w_gate_up)), L.w_down)
         h, _ = add_rmsnorm(x, residual, self.w.norm, arch.rms_norm_eps)
-        self._head(h[0], unit_span_open)
+        self._head(h, unit_span_open)
         pos.add_(1)
         return self.logits
 
     def _head(self, h: torch.Tensor, unit_span_open: torch.Tensor | None) -> None:
+        """h [1, H] -> fp32 logits in self.logits."""
         start = self.unit_rows_start
         if unit_span_open is None or start is None:
-            self.logits.copy_(F.linear(h, self.w.lm_head))
+            self.logits.copy_(self._mv("head", h, self.w.lm_head)[0])
             return
         # Speech rows are always needed; text rows only outside a unit span (decided on the device).
-        self.logits[start:].copy_(F.linear(h, self.w.lm_head[start:]))
-        text_rows_logits(h, self.w.lm_head, unit_span_open, start, self.logits)
+        self.logits[start:].copy_(F.linear(h[0], self.w.lm_head[start:]))
+        text_rows_logits(h[0], self.w.lm_head, unit_span_open, start, self.logits)

@@ -83,6 +83,18 @@ def test_speech_mode_on_cuda(small_weights):
     assert all(t >= 32000 for t in toks[: first_close + 1])
 
 
+def test_triton_gemv_engine_matches_cublas_engine(small_weights):
+    p = prompt(30, 9)
+    logits = []
+    for gemv in ("torch", "triton"):
+        eng = DecodeEngine(small_weights, gemv=gemv)
+        eng.prefill(p[:-1])
+        tok = torch.tensor([p[-1]], device="cuda")
+        logits.append(eng.model.decode_step(tok, torch.tensor([29], dtype=torch.int32, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")).clone())
+    assert eng.model.gemv_choice["qkv"] is not None
+    assert _rel(logits[1], logits[0]) < 2e-2
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
