@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("agent.tiny", "write a tiny random-weight bundle in the release file formats"),
     "respond": ("agent.respond", "reference pipeline: one spoken (or text) question in, one reply WAV out"),
     "convert": ("agent.convert", "release files -> fast-loading deployment bundle (safetensors, no pickle)"),
+    "bench-convert": ("agent.bench_convert", "peak memory of convert on a synthetic 1B-shaped fp32 checkpoint"),
     "export-vocoder": ("streaming.vocoder_onnx", "export the unit vocoder to ONNX"),
     "bench-decode": ("kernels.bench_decode", "decode-engine benchmark vs HF eager and torch.compile"),
     "bench-units": ("streaming.bench_units", "incremental unit extractor benchmark"),
