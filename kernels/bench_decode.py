@@ -74,29 +74,45 @@ def kv_bytes(arch: LlamaArch, context: int, elem: int) -> int:
 # (b) gpt-fast-style baseline: plain torch, static cache, masked attention over the whole cache, torch.compile
 
 
-class CompiledBaseline:
+class CompiledBaseline(torch.nn.Module):
+    """gpt-fast's recipe: an nn.Module whose weights are parameters and whose KV cache is a buffer (so the CUDA
+    graphs of "reduce-overhead" treat them as static addresses instead of copying them in on every replay)."""
+
     def __init__(self, w: LlamaWeights, max_seq: int):
+        super().__init__()
         a = w.arch
-        self.w, self.arch, self.max_seq = w, a, max_seq
-        dev, dt = w.device, w.dtype
+        self.arch, self.max_seq, self.dev = a, max_seq, w.device
+
+        def param(t: torch.Tensor) -> torch.nn.Parameter:
+            return torch.nn.Parameter(t, requires_grad=False)  # shares the engine's storage, no copy
+
+        self.embed, self.norm, self.lm_head = param(w.embed), param(w.norm), param(w.lm_head)
+        self.layers = torch.nn.ModuleList()
+        for L in w.layers:
+            m = torch.nn.Module()
+            for name in ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down"):
+                setattr(m, name, param(getattr(L, name)))
+            self.layers.append(m)
         shape = (a.num_layers, 1, a.num_kv_heads, max_seq, a.head_dim)
-        self.k = torch.zeros(shape, dtype=dt, device=dev)
-        self.v = torch.zeros(shape, dtype=dt, device=dev)
-        self.cos, self.sin = rope_tables(a.head_dim, max_seq, a.rope_theta, device=dev)
-        self.positions = torch.arange(max_seq, device=dev)
-        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+        self.register_buffer("k", torch.zeros(shape, dtype=w.dtype, device=w.device))
+        self.register_buffer("v", torch.zeros(shape, dtype=w.dtype, device=w.device))
+        cos, sin = rope_tables(a.head_dim, max_seq, a.rope_theta, device=w.device)
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
+        self.register_buffer("positions", torch.arange(max_seq, device=w.device))
+        self.step = torch.compile(self, mode="reduce-overhead", fullgraph=True)
 
     @staticmethod
     def _rms(x, weight, eps):
         xf = x.float()
         return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-    def _step(self, token: torch.Tensor, pos: torch.Tensor):
-        a, w = self.arch, self.w
+    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        a = self.arch
         H, Hkv, D = a.num_heads, a.num_kv_heads, a.head_dim
-        x = F.embedding(token, w.embed)  # [1, hidden]
+        x = F.embedding(token, self.embed)  # [1, hidden]
         mask = (self.positions <= pos).view(1, 1, 1, -1)
-        for n, L in enumerate(w.layers):
+        for n, L in enumerate(self.layers):
             h = self._rms(x, L.attn_norm, a.rms_norm_eps)
             q, k, v = F.linear(h, L.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
             q = apply_rope_reference(q.view(1, H, D), self.cos, self.sin, pos)
@@ -107,7 +123,7 @@ class CompiledBaseline:
             x = x + F.linear(y.view(1, H * D), L.wo)
             gate, up = F.linear(self._rms(x, L.mlp_norm, a.rms_norm_eps), L.w_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, L.w_down)
-        logits = F.linear(self._rms(x, w.norm, a.rms_norm_eps), w.lm_head).float()
+        logits = F.linear(self._rms(x, self.norm, a.rms_norm_eps), self.lm_head).float()
         # SpeechGPT sampling in graph-safe torch ops: temperature, top-k, top-p, exponential-race draw.
         logits = logits / SPEECHGPT_SAMPLING.temperature
         vals, idx = torch.topk(logits, SPEECHGPT_SAMPLING.top_k, dim=-1)  # descending
@@ -118,7 +134,7 @@ class CompiledBaseline:
         return idx.gather(-1, torch.argmax(probs / race, dim=-1, keepdim=True)).view(1)
 
     def run(self, context: int, steps: int) -> list[float]:
-        dev = self.w.device
+        dev = self.dev
         token = torch.zeros(1, dtype=torch.long, device=dev)
         pos = torch.tensor([context], device=dev)
         times = []
@@ -208,7 +224,17 @@ def time_prefill(engine: DecodeEngine, n: int, repeats: int = 3) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def benchmark(config: str, device: str, dtype: str, contexts: list[int], steps: int, methods: list[str], gemv: str = "auto", log=print) -> dict:
+def benchmark(
+    config: str,
+    device: str,
+    dtype: str,
+    contexts: list[int],
+    steps: int,
+    methods: list[str],
+    gemv: str = "auto",
+    json_path: Path | None = None,
+    log=print,
+) -> dict:
     dev = torch.device(device)
     arch = CONFIGS[config]
     dt = DTYPES[dtype]
@@ -262,57 +288,81 @@ def benchmark(config: str, device: str, dtype: str, contexts: list[int], steps: 
         log(f"  {method:>14} ctx {context:5d}: {row['ms_median']:8.3f} ms/token (p90 {row['ms_p90']:.3f}), "
             f"{row['tok_s']:7.1f} tok/s, {row['GBps']:7.1f} GB/s" + (f", {row['pct_spec']:.1f}% of spec" if bw else ""))
 
-    compiled = None
-    hf = None
+    def ratios() -> None:
+        out["ratios"] = {}
+        for ctx in contexts:
+            by = {r["method"]: r["ms_median"] for r in out["results"] if r["requested_context"] == ctx}
+            if "engine" in by:
+                out["ratios"][str(ctx)] = {f"{m}_over_engine": by[m] / by["engine"] for m in ("hf_eager", "compile") if m in by}
+
+    def save() -> None:  # after every result, so a run cut short by a time limit still leaves its numbers
+        ratios()
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(out, indent=2))
+
+    def attempt(label: str, fn) -> bool:
+        try:
+            fn()
+            return True
+        except Exception as e:
+            out["errors"][label] = traceback.format_exc(limit=6)
+            log(f"  {label} failed: {type(e).__name__}: {e}")
+            return False
+        finally:
+            save()
+
+    plan = []
     for requested in contexts:
         if not 0 < requested <= max_seq:
             raise ValueError(f"context {requested} is outside the {max_seq}-position window")
         # A context at the end of the window starts early enough that its decode steps still fit.
-        n = steps
-        ctx = min(requested, max_seq - n - 1)
+        ctx = min(requested, max_seq - steps - 1)
         if ctx != requested:
-            log(f"  context {requested}: prompt of {ctx} tokens + {n} steps ends at {ctx + n + 1}")
-        if "engine" in methods:
-            try:
-                loop_ms, replay_ms = run_engine(engine, ctx, n, arch.vocab_size)
-                record("engine", ctx, loop_ms, requested_context=requested)
-                if replay_ms:
-                    record("engine_replay", ctx, replay_ms, requested_context=requested)
-            except Exception as e:
-                out["errors"][f"engine@{ctx}"] = traceback.format_exc(limit=4)
-                log(f"  engine failed at {ctx}: {e}")
-        if "compile" in methods:
-            try:
-                if compiled is None:
-                    t0 = time.perf_counter()
-                    compiled = CompiledBaseline(weights, max_seq)
-                    compiled.run(ctx, 3)
-                    out["compile_seconds"] = time.perf_counter() - t0
-                    log(f"[bench-decode] torch.compile baseline compiled in {out['compile_seconds']:.1f}s")
-                record("compile", ctx, compiled.run(ctx, n), requested_context=requested)
-            except Exception as e:
-                out["errors"][f"compile@{ctx}"] = traceback.format_exc(limit=4)
-                log(f"  compile baseline failed at {ctx}: {e}")
-                methods = [m for m in methods if m != "compile"]
-        if "hf" in methods:
-            try:
-                hf = hf or hf_model_sharing(weights)
-                record("hf_eager", ctx, run_hf(hf, ctx, min(n, 32), dev), requested_context=requested)
-            except Exception as e:
-                out["errors"][f"hf@{ctx}"] = traceback.format_exc(limit=4)
-                log(f"  hf baseline failed at {ctx}: {e}")
-    for n_tok in (128, 512, 1024):
-        if n_tok < max_seq:
-            out["prefill_ms"][str(n_tok)] = time_prefill(engine, n_tok)
-            log(f"  prefill {n_tok:5d} tokens: {out['prefill_ms'][str(n_tok)]:.2f} ms")
+            log(f"  context {requested}: prompt of {ctx} tokens + {steps} steps ends at {ctx + steps + 1}")
+        plan.append((requested, ctx))
 
-    # Ratios, side by side per context.
-    ratios = {}
-    for ctx in contexts:
-        by = {r["method"]: r["ms_median"] for r in out["results"] if r["requested_context"] == ctx}
-        if "engine" in by:
-            ratios[str(ctx)] = {f"{m}_over_engine": by[m] / by["engine"] for m in ("hf_eager", "compile") if m in by}
-    out["ratios"] = ratios
+    def engine_at(requested: int, ctx: int) -> None:
+        loop_ms, replay_ms = run_engine(engine, ctx, steps, arch.vocab_size)
+        record("engine", ctx, loop_ms, requested_context=requested)
+        if replay_ms:
+            record("engine_replay", ctx, replay_ms, requested_context=requested)
+
+    hf = []
+
+    def hf_at(requested: int, ctx: int) -> None:
+        if not hf:
+            hf.append(hf_model_sharing(weights))
+        record("hf_eager", ctx, run_hf(hf[0], ctx, min(steps, 32), dev), requested_context=requested)
+
+    def prefill_times() -> None:
+        for n_tok in (128, 512, 1024):
+            if n_tok < max_seq:
+                out["prefill_ms"][str(n_tok)] = time_prefill(engine, n_tok)
+                log(f"  prefill {n_tok:5d} tokens: {out['prefill_ms'][str(n_tok)]:.2f} ms")
+
+    # Cheap, essential measurements first; the torch.compile baseline (minutes of compilation at 7B) last.
+    for requested, ctx in plan:
+        if "engine" in methods:
+            attempt(f"engine@{requested}", lambda: engine_at(requested, ctx))
+        if "hf" in methods:
+            attempt(f"hf@{requested}", lambda: hf_at(requested, ctx))
+    attempt("prefill", prefill_times)
+    hf.clear()
+    if "compile" in methods:
+        compiled = []
+
+        def build() -> None:
+            t0 = time.perf_counter()
+            compiled.append(CompiledBaseline(weights, max_seq))
+            compiled[0].run(plan[0][1], 3)
+            out["compile_seconds"] = time.perf_counter() - t0
+            log(f"[bench-decode] torch.compile baseline compiled in {out['compile_seconds']:.1f}s")
+
+        if attempt("compile_build", build):
+            for requested, ctx in plan:
+                attempt(f"compile@{requested}", lambda: record("compile", ctx, compiled[0].run(ctx, steps), requested_context=requested))
+    save()
     return out
 
 
@@ -345,8 +395,6 @@ def run(args) -> int:
         print("bench-decode: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","), args.gemv)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2))
+    res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","), args.gemv, args.json)
     print(format_table(res))
     return 0 if not res["errors"] else 1
