@@ -74,33 +74,31 @@ def kv_bytes(arch: LlamaArch, context: int, elem: int) -> int:
 # (b) gpt-fast-style baseline: plain torch, static cache, masked attention over the whole cache, torch.compile
 
 
-class CompiledBaseline(torch.nn.Module):
-    """gpt-fast's recipe: an nn.Module whose weights are parameters and whose KV cache is a buffer (so the CUDA
-    graphs of "reduce-overhead" treat them as static addresses instead of copying them in on every replay)."""
+class _GptFastLayer(torch.nn.Module):
+    def __init__(self, L, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        for name in ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down"):
+            setattr(self, name, torch.nn.Parameter(getattr(L, name), requires_grad=False))  # shared storage, no copy
+        # One cache buffer per layer, updated in place (a view of one big cache would make the compiled graph
+        # copy the whole buffer on every write).
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device))
 
+
+class _GptFastModel(torch.nn.Module):
     def __init__(self, w: LlamaWeights, max_seq: int):
         super().__init__()
         a = w.arch
-        self.arch, self.max_seq, self.dev = a, max_seq, w.device
-
-        def param(t: torch.Tensor) -> torch.nn.Parameter:
-            return torch.nn.Parameter(t, requires_grad=False)  # shares the engine's storage, no copy
-
-        self.embed, self.norm, self.lm_head = param(w.embed), param(w.norm), param(w.lm_head)
-        self.layers = torch.nn.ModuleList()
-        for L in w.layers:
-            m = torch.nn.Module()
-            for name in ("attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down"):
-                setattr(m, name, param(getattr(L, name)))
-            self.layers.append(m)
-        shape = (a.num_layers, 1, a.num_kv_heads, max_seq, a.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=w.dtype, device=w.device))
-        self.register_buffer("v", torch.zeros(shape, dtype=w.dtype, device=w.device))
+        self.arch = a
+        self.embed = torch.nn.Parameter(w.embed, requires_grad=False)
+        self.norm = torch.nn.Parameter(w.norm, requires_grad=False)
+        self.lm_head = torch.nn.Parameter(w.lm_head, requires_grad=False)
+        shape = (1, a.num_kv_heads, max_seq, a.head_dim)
+        self.layers = torch.nn.ModuleList(_GptFastLayer(L, shape, w.dtype, w.device) for L in w.layers)
         cos, sin = rope_tables(a.head_dim, max_seq, a.rope_theta, device=w.device)
         self.register_buffer("cos", cos)
         self.register_buffer("sin", sin)
         self.register_buffer("positions", torch.arange(max_seq, device=w.device))
-        self.step = torch.compile(self, mode="reduce-overhead", fullgraph=True)
 
     @staticmethod
     def _rms(x, weight, eps):
@@ -112,14 +110,14 @@ class CompiledBaseline(torch.nn.Module):
         H, Hkv, D = a.num_heads, a.num_kv_heads, a.head_dim
         x = F.embedding(token, self.embed)  # [1, hidden]
         mask = (self.positions <= pos).view(1, 1, 1, -1)
-        for n, L in enumerate(self.layers):
+        for L in self.layers:
             h = self._rms(x, L.attn_norm, a.rms_norm_eps)
             q, k, v = F.linear(h, L.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
             q = apply_rope_reference(q.view(1, H, D), self.cos, self.sin, pos)
             k = apply_rope_reference(k.view(1, Hkv, D), self.cos, self.sin, pos)
-            self.k[n].index_copy_(2, pos, k.view(1, Hkv, 1, D))
-            self.v[n].index_copy_(2, pos, v.view(1, Hkv, 1, D))
-            y = F.scaled_dot_product_attention(q.view(1, H, 1, D), self.k[n], self.v[n], attn_mask=mask, enable_gqa=H != Hkv)
+            L.k_cache[:, :, pos] = k.view(1, Hkv, 1, D)  # gpt-fast's KVCache.update
+            L.v_cache[:, :, pos] = v.view(1, Hkv, 1, D)
+            y = F.scaled_dot_product_attention(q.view(1, H, 1, D), L.k_cache, L.v_cache, attn_mask=mask, enable_gqa=H != Hkv)
             x = x + F.linear(y.view(1, H * D), L.wo)
             gate, up = F.linear(self._rms(x, L.mlp_norm, a.rms_norm_eps), L.w_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, L.w_down)
@@ -133,20 +131,36 @@ class CompiledBaseline(torch.nn.Module):
         race = torch.empty_like(probs).exponential_(1)
         return idx.gather(-1, torch.argmax(probs / race, dim=-1, keepdim=True)).view(1)
 
-    def run(self, context: int, steps: int) -> list[float]:
-        dev = self.dev
-        token = torch.zeros(1, dtype=torch.long, device=dev)
-        pos = torch.tensor([context], device=dev)
-        times = []
-        for i in range(steps):
-            t0 = time.perf_counter()
-            token = self.step(token, pos)
-            pos = pos + 1
-            token = token.clone()
-            _sync(dev)
-            times.append(1000.0 * (time.perf_counter() - t0))
-        return times
 
+class CompiledBaseline:
+    """gpt-fast's recipe: an nn.Module whose weights are parameters and whose per-layer KV caches are buffers (so
+    the CUDA graphs of mode="reduce-overhead" treat them as static instead of copying them in on every replay),
+    masked attention over the whole static cache, compiled with torch.compile(mode="reduce-overhead")."""
+
+    def __init__(self, w: LlamaWeights, max_seq: int):
+        self.dev = w.device
+        self.model = _GptFastModel(w, max_seq)
+        self.step = torch.compile(self.model, mode="reduce-overhead", fullgraph=True)
+
+    def run(self, context: int, steps: int) -> list[float]:
+        """Per-step ms of the loop a gpt-fast user writes: each step feeds the previous token, the host never waits
+        (steps are paced by device events recorded after each one; on the CPU by the host clock)."""
+        token = torch.zeros(1, dtype=torch.long, device=self.dev)
+        pos = torch.tensor([context], device=self.dev)
+        cuda = self.dev.type == "cuda"
+        marks: list = []
+        for _ in range(steps + 1):
+            token = self.step(token, pos).clone()  # cudagraph outputs are overwritten by the next replay
+            pos = pos + 1
+            if cuda:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+            else:
+                marks.append(time.perf_counter())
+        _sync(self.dev)
+        if cuda:
+            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        return [1000.0 * (b - a) for a, b in zip(marks, marks[1:])]
 
 # ---------------------------------------------------------------------------------------------------------------
 # (a) transformers eager generate over the same weights
@@ -206,6 +220,35 @@ def run_engine(engine: DecodeEngine, context: int, steps: int, vocab: int) -> tu
             end.synchronize()
             replay_ms.append(start.elapsed_time(end))
     return loop_ms, replay_ms
+
+
+def profile_step(engine: DecodeEngine, context: int, replays: int = 5) -> dict:
+    """Kernel time per decode step (torch.profiler over graph replays): where the step's time goes, and how much of
+    it is idle gaps between kernels (step time minus the sum of kernel times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = engine._graph(SPEECHGPT_SAMPLING, False)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    engine.pos_dev.fill_(context)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(replays):
+            engine.pos_dev.fill_(context)
+            graph.replay()
+        end.record()
+        end.synchronize()
+    step_us = 1000.0 * start.elapsed_time(end) / replays
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        if t > 0 and "Memset" not in e.key and "fill" not in e.key:
+            rows.append({"kernel": e.key[:90], "us_per_step": t / replays, "calls_per_step": e.count / replays})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    busy = sum(r["us_per_step"] for r in rows)
+    return {"context": context, "step_us": step_us, "kernel_us": busy, "idle_us": step_us - busy,
+            "kernels_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:15]}
 
 
 def time_prefill(engine: DecodeEngine, n: int, repeats: int = 3) -> float:
@@ -348,6 +391,16 @@ def benchmark(
         if "hf" in methods:
             attempt(f"hf@{requested}", lambda: hf_at(requested, ctx))
     attempt("prefill", prefill_times)
+    if engine.use_graphs:
+
+        def prof() -> None:
+            p = out["profile"] = profile_step(engine, plan[0][1])
+            log(f"[bench-decode] profile at ctx {p['context']}: step {p['step_us']:.0f} us = kernels {p['kernel_us']:.0f} us "
+                f"({p['kernels_per_step']:.0f} launches) + idle {p['idle_us']:.0f} us")
+            for r in p["top"][:8]:
+                log(f"    {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.0f}  {r['kernel']}")
+
+        attempt("profile", prof)
     hf.clear()
     if "compile" in methods:
         compiled = []

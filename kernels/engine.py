@@ -82,7 +82,7 @@ class DecodeEngine:
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
 
     def _choose_gemv(self, force_triton: bool) -> None:
-        from kernels.gemv import BENCH_CONFIGS, default_config
+        from kernels.gemv import AUTO_CONFIGS, default_config
 
         shapes = self.model.gemv_shapes()
         for kind, (n, k) in shapes.items():
@@ -93,7 +93,7 @@ class DecodeEngine:
             if key not in _GEMV_DECISIONS:
                 from kernels.gemv import bench_gemv
 
-                (row,) = bench_gemv(((n, k),), dtype=self.model.dtype, configs=BENCH_CONFIGS[:4], device=str(self.device), verbose=False)
+                (row,) = bench_gemv(((n, k),), dtype=self.model.dtype, configs=AUTO_CONFIGS, device=str(self.device), verbose=False)
                 # Keep Triton only when it beats cuBLAS by a margin larger than run-to-run noise.
                 row["choice"] = "triton" if row["best_config"] is not None and row["torch_over_triton"] > 1.03 else "torch"
                 _GEMV_DECISIONS[key] = row

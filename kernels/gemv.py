@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["GemvConfig", "bench_gemv", "default_config", "gemv", "gemv_reference", "gemv_triton"]
+__all__ = ["AUTO_CONFIGS", "GemvConfig", "bench_gemv", "default_config", "gemv", "gemv_reference", "gemv_triton"]
 
 # (N, K) at LLaMA-7B: fused qkv, o_proj, fused gate_up, down_proj, lm_head (SpeechGPT vocab 33006).
 LLAMA7B_SHAPES: tuple[tuple[int, int], ...] = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (33006, 4096))
@@ -40,6 +40,20 @@ BENCH_CONFIGS: tuple[GemvConfig, ...] = (
     GemvConfig(8, 1024, 8),
     GemvConfig(16, 512, 8),
     GemvConfig(32, 256, 8),
+)
+
+
+# What the engine's gemv="auto" races against cuBLAS: the benchmark set plus wide-K tiles, which keep more bytes in
+# flight per program (the small o_proj and the K=11008 down_proj are where narrow tiles fall short).
+AUTO_CONFIGS: tuple[GemvConfig, ...] = BENCH_CONFIGS + (
+    GemvConfig(1, 4096, 4),
+    GemvConfig(2, 2048, 4),
+    GemvConfig(2, 4096, 8),
+    GemvConfig(4, 2048, 8),
+    GemvConfig(4, 4096, 8),
+    GemvConfig(8, 1024, 4),
+    GemvConfig(8, 2048, 8),
+    GemvConfig(16, 1024, 8),
 )
 
 

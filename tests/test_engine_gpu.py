@@ -74,7 +74,8 @@ def test_speech_mode_on_cuda(small_weights):
     assert torch.isneginf(masked[:32000]).all()
     torch.testing.assert_close(masked[32000:], full[32000:], rtol=0, atol=0)
     outside = eng.model.decode_step(token, pos.clone(), seq, torch.zeros(1, dtype=torch.int32, device="cuda")).clone()
-    torch.testing.assert_close(outside[:32000], full[:32000], rtol=1e-3, atol=1e-3)  # Triton GEMV vs cuBLAS
+    # The full head rounds logits to bf16 (like transformers); the text-row kernel writes its fp32 sums.
+    torch.testing.assert_close(outside[:32000], full[:32000], rtol=2**-7, atol=1e-3)
     eng.truncate(40)
     eng.prefill([33000])
     stream = eng.decode(SPEECHGPT_SAMPLING, seed=4, speech_mode=True, unit_span_open=True, max_new_tokens=40, stop_ids=())

@@ -111,3 +111,9 @@ def test_gpu_bench_gemv_runs(no_tf32, capsys):
     rows = gv.bench_gemv(shapes=((4096, 4096),), configs=(gv.GemvConfig(), gv.GemvConfig(16, 256, 4)))
     assert rows and rows[0]["best_config"] is not None and rows[0]["torch_us"] > 0 and rows[0]["triton_us"] > 0
     assert "torch/triton" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", gv.AUTO_CONFIGS, ids=str)
+def test_every_auto_config_is_correct(gen, config):
+    """Whatever the engine's measurement picks must compute the same function (K not a multiple of BLOCK_K)."""
+    _check(gen, 37, 1100, torch.float32, config, "cpu")
