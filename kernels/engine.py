@@ -279,6 +279,14 @@ class DecodeStream:
         self.stats.started = time.perf_counter()
         return eng._pos
 
+    def _first_logits(self) -> torch.Tensor:
+        """The prefill's logits, under the speech-mode head when decoding starts inside a unit span."""
+        logits, start = self.engine._last_logits, self.engine.model.unit_rows_start
+        if self.speech_mode and self.unit_span_open and start is not None:
+            logits = logits.clone()
+            logits[:start] = float("-inf")
+        return logits
+
     def _accept(self, token: int) -> bool:
         """Record a token; True when decoding must stop after it."""
         self.tokens.append(token)
@@ -303,7 +311,7 @@ class DecodeStream:
             self.stop_reason = "length"
             return
         try:
-            eng._sample_into_state(eng._last_logits, self.params)
+            eng._sample_into_state(self._first_logits(), self.params)
             if self.speech_mode:
                 eng._update_span_flag()
             while True:
@@ -334,7 +342,7 @@ class DecodeStream:
             events[slot].record(stream)
 
         try:
-            eng._sample_into_state(eng._last_logits, self.params)  # token 0, from the prefill logits
+            eng._sample_into_state(self._first_logits(), self.params)  # token 0, from the prefill logits
             if self.speech_mode:
                 eng._update_span_flag()
             publish(0)

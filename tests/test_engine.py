@@ -198,3 +198,17 @@ def test_budget_respects_the_context(tiny_llm):
         eng.decode(GREEDY)
     with pytest.raises(ValueError, match="overflows"):
         eng.prefill(prompt + prompt, start_pos=0)
+
+
+def test_speech_mode_constrains_the_first_token_too():
+    """The first token comes from the prefill logits: inside a span it must also be a unit/special (random weights,
+    so nothing but the head restriction keeps text tokens out)."""
+    from kernels.bench_decode import CONFIGS
+
+    w = LlamaWeights.random(CONFIGS["tiny"], torch.float32, "cpu", seed=11)
+    for seed in range(5):
+        eng = DecodeEngine(w)
+        eng.prefill([1, 5, 33000])
+        toks = list(eng.decode(SPEECHGPT_SAMPLING, seed=seed, speech_mode=True, unit_span_open=True, max_new_tokens=6, stop_ids=()))
+        closed = toks.index(33001) if 33001 in toks else len(toks)
+        assert all(t >= 32000 for t in toks[: closed + 1]), toks
