@@ -47,3 +47,36 @@ def tiny_llm(tiny_bundle):
     paths = resolve_bundle(tiny_bundle)
     ckpt = LlamaCheckpoint(paths.llm_dir, paths.lora_dir)
     return SpeechGPTTokenizer.from_dir(paths.tokenizer_dir), ckpt.arch, ckpt.state_dict(torch.float32)
+
+
+@pytest.fixture
+def gen(request):
+    """A fresh, reproducible torch.Generator per test case (seeded by its id); GPU-tier tests draw on the device."""
+    import zlib
+
+    import torch
+
+    device = "cuda" if request.node.get_closest_marker("gpu") else "cpu"
+    return torch.Generator(device=device).manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 references must be fp32 on the GPU too, whatever another test set globally."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are op-overhead bound: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -25,16 +25,11 @@ import torch.nn.functional as F
 from streaming import hubert as H
 from streaming.fairseq_pickle import UnpicklingRefused, load_fairseq_checkpoint, plain_data, is_standin
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one thread is fastest, and immune to OpenMP spinning on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 SPEECH = REPO / "tests" / "fixtures" / "speech" / "en_us_fish.wav"
 
 

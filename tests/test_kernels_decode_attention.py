@@ -4,40 +4,12 @@
 from __future__ import annotations
 
 import math
-import os
-import zlib
 
 import pytest
 import torch
 
 from kernels import decode_attention as da
-
-GPU_TIER = os.environ.get("SPEECHGPT_RT_GPU_TIER") == "1"
-DEVICE = "cuda" if GPU_TIER and torch.cuda.is_available() else "cpu"
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-6, torch.bfloat16: 1e-6}
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    # A fresh, reproducible seed for every parameter case; GPU-tier tests draw their (large) inputs on the device.
-    device = "cuda" if request.node.get_closest_marker("gpu") else "cpu"
-    return torch.Generator(device=device).manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-@pytest.fixture
-def no_tf32():
-    # The fp32 reference must be fp32 on the GPU too.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _assert_dtype_rule(kernel: torch.Tensor, torch_lowp: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    k_err = (kernel.float() - ref.float()).abs().max().item()
-    t_err = (torch_lowp.float() - ref.float()).abs().max().item()
-    floor = FLOOR[kernel.dtype]
-    assert k_err <= 2 * t_err + floor, f"{what}: kernel err {k_err:.3e} > 2 x torch err {t_err:.3e} + {floor:.0e}"
+from kernel_rules import DEVICE, assert_dtype_rule as _assert_dtype_rule
 
 
 def _torch_lowp_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: int) -> torch.Tensor:

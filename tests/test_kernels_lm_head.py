@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
 
 from kernels.lm_head import text_rows_logits, text_rows_logits_reference, text_rows_logits_triton
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    device = "cuda" if request.node.get_closest_marker("gpu") else "cpu"
-    return torch.Generator(device=device).manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _case(gen, vocab, d, dtype, device="cpu"):

@@ -6,25 +6,14 @@ Dtype rule: kernel error vs an fp32 reference <= 2x the error of plain torch in 
 
 from __future__ import annotations
 
-import os
-import zlib
 
 import pytest
 import torch
 
 from kernels import rmsnorm as rn
+from kernel_rules import DEVICE, assert_dtype_rule as _assert_dtype_rule
 
-GPU_TIER = os.environ.get("SPEECHGPT_RT_GPU_TIER") == "1"
-DEVICE = "cuda" if GPU_TIER and torch.cuda.is_available() else "cpu"
 EPS = 1e-6
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-6, torch.bfloat16: 1e-6}
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    # A fresh, reproducible seed for every parameter case; GPU-tier tests draw their (large) inputs on the device.
-    device = "cuda" if request.node.get_closest_marker("gpu") else "cpu"
-    return torch.Generator(device=device).manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _inputs(gen: torch.Generator, t: int, d: int, dtype: torch.dtype, device: str = DEVICE):
@@ -32,13 +21,6 @@ def _inputs(gen: torch.Generator, t: int, d: int, dtype: torch.dtype, device: st
     res = torch.randn((t, d), generator=gen, device=gen.device).to(device=device, dtype=dtype)
     w = (1.0 + 0.2 * torch.randn((d,), generator=gen, device=gen.device)).to(device=device, dtype=dtype)
     return x, res, w
-
-
-def _assert_dtype_rule(kernel: torch.Tensor, torch_lowp: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    k_err = (kernel.float() - ref.float()).abs().max().item()
-    t_err = (torch_lowp.float() - ref.float()).abs().max().item()
-    floor = FLOOR[kernel.dtype]
-    assert k_err <= 2 * t_err + floor, f"{what}: kernel err {k_err:.3e} > 2 x torch err {t_err:.3e} + {floor:.0e}"
 
 
 def _check_add_rmsnorm(gen: torch.Generator, t: int, d: int, dtype: torch.dtype, device: str = DEVICE) -> None:

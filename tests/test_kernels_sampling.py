@@ -5,24 +5,13 @@ its RNG state on the device, and draws with the reference distribution (chi-squa
 from __future__ import annotations
 
 import math
-import os
-import zlib
 
 import pytest
 import torch
 
 from kernels import sampling as smp
 from kernels.sampling import SamplerState, SamplingParams
-
-GPU_TIER = os.environ.get("SPEECHGPT_RT_GPU_TIER") == "1"
-DEVICE = "cuda" if GPU_TIER and torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    # A fresh, reproducible seed for every parameter case; GPU-tier tests draw their (large) inputs on the device.
-    device = "cuda" if request.node.get_closest_marker("gpu") else "cpu"
-    return torch.Generator(device=device).manual_seed(zlib.crc32(request.node.nodeid.encode()))
+from kernel_rules import DEVICE
 
 
 def _state(seed: int = 0, num_generated: int = 0, device: str = DEVICE) -> SamplerState:

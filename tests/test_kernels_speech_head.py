@@ -3,8 +3,6 @@ distribution (temperature / top-k / top-p) as the full logits with rows < row_st
 
 from __future__ import annotations
 
-import os
-import zlib
 
 import pytest
 import torch
@@ -12,25 +10,7 @@ import torch
 from kernels import sampling as smp
 from kernels import speech_head as sh
 from kernels.sampling import SamplerState, SamplingParams
-
-GPU_TIER = os.environ.get("SPEECHGPT_RT_GPU_TIER") == "1"
-DEVICE = "cuda" if GPU_TIER and torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    # A fresh, reproducible seed for every parameter case; GPU-tier tests draw their (large) inputs on the device.
-    device = "cuda" if request.node.get_closest_marker("gpu") else "cpu"
-    return torch.Generator(device=device).manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-@pytest.fixture
-def no_tf32():
-    # fp32 references must be fp32 on the GPU too, whatever another test set globally.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+from kernel_rules import DEVICE
 
 
 def _head(gen: torch.Generator, vocab: int, d: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -19,18 +19,9 @@ from streaming.synthesizer import (
 from streaming.vocoder import load_vocoder, write_tiny_vocoder
 from streaming.vocoder_onnx import export_vocoder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models are op-overhead bound: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
