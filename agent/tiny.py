@@ -52,6 +52,13 @@ TINY_ANSWERS = (
     "Canned answer delta.",
 )
 
+# Filler words for the text inputs of the TTS and text-chat examples, so the tiny model keys on the task wording
+# (which it can see) rather than on one of four memorised inputs.
+_FILLER = (
+    "today is a sunny day the weather what how why where when please tell me about again music coffee train "
+    "city river mountain book friend time world model answer question hello thank you"
+).split()
+
 TINY_NOTICE = (
     "This is a TINY RANDOM-WEIGHT bundle written by `speechgpt-rt make-tiny`. It has the release's file formats, "
     "vocabulary and layout, but its weights are random; the LLM was trained for a few seconds on synthetic "
@@ -94,10 +101,10 @@ def synthetic_example(tokenizer, rng: random.Random, unit_answers: list[list[int
         n = rng.randint(3, max_input_units)
         units = dedup_units(rng.randrange(NUM_UNITS) for _ in range(n))
         prompt = prompt_for(task, units=units)
-    elif task is Task.TTS:
-        prompt = prompt_for(task, text=TINY_ANSWERS[k])
     else:
-        prompt = prompt_for(task, text=TINY_QUESTIONS[k].capitalize() + "?")
+        words = " ".join(rng.choice(_FILLER) for _ in range(rng.randint(2, 9)))
+        text = words.capitalize() + ("." if task is Task.TTS else "?")
+        prompt = prompt_for(task, text=text)
     answer = render_answer(task, transcript=TINY_QUESTIONS[k], text_answer=TINY_ANSWERS[k], units=unit_answers[k])
     prompt_ids = tokenizer.encode(prompt)
     answer_ids = tokenizer.encode(answer, add_bos=False) + [tokenizer.eos_id]
