@@ -25,15 +25,13 @@ ARCH_1B = LlamaArch(hidden_size=2048, intermediate_size=5632, num_layers=22, num
 
 
 def write_synthetic_release(out: Path, arch: LlamaArch, seed: int = 0) -> dict:
-    from agent.tiny import make_tiny_bundle, write_tokenizer_files
+    from agent.tiny import make_tiny_bundle, release_rotary_buffers, write_tokenizer_files
 
     make_tiny_bundle(out, seed=seed, log=None)  # speech files, tokenizer and LoRA layout
     llm = out / RELEASE_LLM
     g = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(s, generator=g) * 0.02 for k, s in arch.expected_shapes().items()}
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, arch.head_dim, 2, dtype=torch.float32) / arch.head_dim))
-    for n in range(arch.num_layers):
-        state[f"model.layers.{n}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    state |= release_rotary_buffers(arch)
     (llm / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
     torch.save(state, llm / "pytorch_model.bin")
     write_tokenizer_files(llm)

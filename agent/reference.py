@@ -19,10 +19,8 @@ from agent.parser import AnswerDone, Event, ParsedResponse, ResponseParser
 from agent.prompts import Task
 from agent.tokenizer import SpeechGPTTokenizer
 from kernels.checkpoint import LlamaArch, LlamaCheckpoint
-from kernels.sampling import SamplingParams, sample_reference
+from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams, sample_reference
 
-# SpeechGPT's GenerationConfig in cli_infer.py (reference notes A.6).
-SPEECHGPT_SAMPLING = SamplingParams(temperature=0.7, top_k=50, top_p=0.8, min_new_tokens=10, eos_id=2)
 SPEECHGPT_MAX_NEW_TOKENS = 2048
 
 

@@ -154,6 +154,12 @@ def train_tiny_llm(tokenizer, seed: int, cfg: TinyTrainConfig = TinyTrainConfig(
     return model, unit_answers
 
 
+def release_rotary_buffers(arch: LlamaArch) -> dict[str, torch.Tensor]:
+    """The `rotary_emb.inv_freq` buffers transformers 4.29 (the release) saved in every layer; loaders must ignore them."""
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, arch.head_dim, 2, dtype=torch.float32) / arch.head_dim))
+    return {f"model.layers.{n}.self_attn.rotary_emb.inv_freq": inv_freq.clone() for n in range(arch.num_layers)}
+
+
 def split_lora(state: dict[str, torch.Tensor], seed: int, r: int = 8, alpha: int = 16) -> tuple[dict, dict]:
     """Split trained q/v weights into base + LoRA so that merging the adapter gives back the trained model."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -182,11 +188,7 @@ def write_tiny_llm(out_dir: Path, seed: int, cfg: TinyTrainConfig = TinyTrainCon
     model, _ = train_tiny_llm(tokenizer, seed, cfg, log=log)
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     base, adapter = split_lora(state, seed)
-    # transformers 4.29 (the release) saved the rotary buffers too; loaders must ignore them.
-    head_dim = TINY_LLM.head_dim
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    for n in range(TINY_LLM.num_layers):
-        base[f"model.layers.{n}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    base |= release_rotary_buffers(TINY_LLM)
     (llm_dir / "config.json").write_text(json.dumps(TINY_LLM.to_hf_config(), indent=2) + "\n")
     (llm_dir / "generation_config.json").write_text(
         json.dumps({"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n"

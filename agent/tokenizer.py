@@ -101,11 +101,6 @@ class SpeechGPTTokenizer:
             return self.sp.id_to_piece(token_id)
         raise ValueError(f"token id {token_id} outside the vocabulary [0, {self.vocab.vocab_size})")
 
-    def decode_text(self, ids: Sequence[int]) -> str:
-        """SentencePiece text of a run of piece ids (added tokens and LLaMA specials are skipped)."""
-        pieces = [int(i) for i in ids if self.vocab.sp_size > int(i) > 2]
-        return self.sp.decode(pieces)
-
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False, spaces_between_special_tokens: bool = True) -> str:
         """Text exactly as transformers 4.33's slow LlamaTokenizer.decode writes it (what the official code parsed).
 

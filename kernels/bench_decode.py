@@ -199,9 +199,8 @@ def run_hf(model, context: int, steps: int, device: torch.device) -> list[float]
 # (c) the engine
 
 
-def run_engine(engine: DecodeEngine, context: int, steps: int, vocab: int) -> tuple[list[float], list[float]]:
+def run_engine(engine: DecodeEngine, context: int, steps: int) -> tuple[list[float], list[float]]:
     """(host-loop per-token times, graph-replay per-step times) in ms."""
-    dev = engine.device
     engine.truncate(0)
     engine.prefill(torch.randint(3, 32000, (context,)))
     stream = engine.decode(SPEECHGPT_SAMPLING, seed=0, max_new_tokens=steps + 1, stop_ids=())
@@ -366,7 +365,7 @@ def benchmark(
         plan.append((requested, ctx))
 
     def engine_at(requested: int, ctx: int) -> None:
-        loop_ms, replay_ms = run_engine(engine, ctx, steps, arch.vocab_size)
+        loop_ms, replay_ms = run_engine(engine, ctx, steps)
         record("engine", ctx, loop_ms, requested_context=requested)
         if replay_ms:
             record("engine_replay", ctx, replay_ms, requested_context=requested)

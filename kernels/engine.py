@@ -22,9 +22,8 @@ import torch
 
 from kernels.checkpoint import LlamaCheckpoint
 from kernels.model import LlamaModel, LlamaWeights
-from kernels.sampling import SamplerState, SamplingParams, sample, sampling_scratch
+from kernels.sampling import SPEECHGPT_SAMPLING, SamplerState, SamplingParams, sample, sampling_scratch
 
-SPEECHGPT_SAMPLING = SamplingParams(temperature=0.7, top_k=50, top_p=0.8, min_new_tokens=10, eos_id=2)
 
 # (N, K, dtype, device name) -> bench_gemv row with the decision, measured once per process.
 _GEMV_DECISIONS: dict[tuple, dict] = {}

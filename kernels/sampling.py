@@ -49,6 +49,7 @@ __all__ = [
     "SampleDebug",
     "SamplerState",
     "SamplingParams",
+    "SPEECHGPT_SAMPLING",
     "filter_logits_reference",
     "greedy",
     "greedy_reference",
@@ -85,6 +86,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.min_new_tokens < 0:
             raise ValueError(f"SamplingParams.min_new_tokens must be >= 0, got {self.min_new_tokens}")
+
+
+# SpeechGPT's GenerationConfig in cli_infer.py (reference notes A.6).
+SPEECHGPT_SAMPLING = SamplingParams(temperature=0.7, top_k=50, top_p=0.8, min_new_tokens=10, eos_id=2)
 
 
 @dataclass
