@@ -105,7 +105,10 @@ def _decode_attn_split_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:  # programmatic dependent launch: q and this step's K/V row come from the previous kernel
+        tl.extra.cuda.gdc_wait()
     head = tl.program_id(0)
     split = tl.program_id(1)
     kv_head = head // GROUP
@@ -140,6 +143,8 @@ def _decode_attn_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
 
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     row = scratch_ptr + (head * num_splits + split).to(tl.int64) * (D + 2)
     tl.store(row + offs_d, acc, mask=dmask)
     # m_i / l_i are [1] blocks (loop-carried); reduce them to scalars for the scalar stores.
@@ -156,7 +161,10 @@ def _decode_attn_combine_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
     head = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     smask = offs_s < num_splits
@@ -185,9 +193,10 @@ def decode_attention_triton(
     scratch: torch.Tensor | None = None,
     scale: float | None = None,
     block_n: int = _DEFAULT_BLOCK_N,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One-token attention over the cache; returns out [H, D] in q's dtype. Graph-safe: seq_len is read on the
-    device, the grid depends only on shapes and num_splits."""
+    device, the grid depends only on shapes and num_splits. pdl: programmatic dependent launch (Hopper+)."""
     if q.dim() != 2 or q.stride(1) != 1:
         raise ValueError(f"decode_attention: q must be [H, D] with a contiguous last dim, got {tuple(q.shape)}")
     h, d = q.shape
@@ -243,7 +252,9 @@ def decode_attention_triton(
         D=d,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
+        USE_GDC=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     _decode_attn_combine_kernel[(h,)](
         scratch,
@@ -253,7 +264,9 @@ def decode_attention_triton(
         D=d,
         BLOCK_D=block_d,
         BLOCK_S=triton.next_power_of_2(num_splits),
+        USE_GDC=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     return out
 
@@ -266,10 +279,11 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Dispatcher: the Triton kernels on CUDA, the fp32 torch reference (cast to q's dtype) elsewhere."""
     if q.is_cuda:
-        return decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=num_splits, out=out, scratch=scratch)
+        return decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=num_splits, out=out, scratch=scratch, pdl=pdl)
     y = decode_attention_reference(q, k_cache, v_cache, int(seq_len.reshape(-1)[0])).to(q.dtype)
     if out is not None:
         out.copy_(y)

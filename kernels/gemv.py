@@ -11,6 +11,7 @@ triton.testing.do_bench (median, L2 flushed between runs) so the engine can pick
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["AUTO_CONFIGS", "GemvConfig", "bench_gemv", "default_config", "gemv", "gemv_reference", "gemv_triton"]
+__all__ = ["AUTO_CONFIGS", "GemvConfig", "bench_gemv", "default_config", "dot_rows", "fastest_config", "gemv", "gemv_reference", "gemv_triton"]
 
 # (N, K) at LLaMA-7B: fused qkv, o_proj, fused gate_up, down_proj, lm_head (SpeechGPT vocab 33006).
 LLAMA7B_SHAPES: tuple[tuple[int, int], ...] = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (33006, 4096))
@@ -71,6 +72,46 @@ def default_config(n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
+def dot_rows(
+    w_ptr,
+    rows,
+    stride_wn,
+    x_ptr,
+    g_ptr,
+    K,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """The GEMV inner loop, shared by the plain and the fused GEMVs: for the BLOCK_N weight rows `rows` (any row
+    indices, each row contiguous along K) returns fp32 y[r] = sum_k W[rows[r], k] * x[k] and 0.0. With NORM it
+    multiplies x by the RMSNorm weight g on the fly and also returns sum_k x[k]^2, so a fused kernel can apply
+    the norm's 1/rms to y afterwards (W (g * x / rms) = (W (g * x)) / rms) without a separate norm pass."""
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(x_ptr + cols).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :])
+        else:
+            kmask = cols < K
+            x = tl.load(x_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=kmask[None, :], other=0.0)
+        if NORM:
+            if EVEN_K:
+                g = tl.load(g_ptr + cols).to(tl.float32)
+            else:
+                g = tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            sq += x * x
+            x = x * g
+        acc += w.to(tl.float32) * x[None, :]
+    return tl.sum(acc, axis=1), tl.sum(sq, axis=0)
+
+
+@triton.jit
 def _gemv_kernel(
     w_ptr,
     x_ptr,
@@ -85,20 +126,7 @@ def _gemv_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # Clamp rather than mask the row loads: the last program re-reads row N-1 and its store is masked.
-    rows_safe = tl.minimum(rows, N - 1)
-    w_rows = w_ptr + rows_safe.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(x_ptr + cols)
-            w = tl.load(w_rows + cols[None, :])
-        else:
-            kmask = cols < K
-            x = tl.load(x_ptr + cols, mask=kmask, other=0.0)
-            w = tl.load(w_rows + cols[None, :], mask=kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
+    y, _ = dot_rows(w_ptr, tl.minimum(rows, N - 1), stride_wn, x_ptr, x_ptr, K, BLOCK_N, BLOCK_K, EVEN_K, False)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
@@ -144,6 +172,29 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None)
         out.copy_(y)
         y = out
     return y
+
+
+def fastest_config(
+    run: Callable[[GemvConfig], torch.Tensor],
+    reference: torch.Tensor,
+    configs: tuple[GemvConfig, ...],
+) -> tuple[GemvConfig | None, float, dict[str, float]]:
+    """Race the configs of one kernel launch `run(cfg)` (CUDA): (fastest correct config, its median us, us per
+    config). A config whose output is off the fp32 `reference` by more than 1% of its range is dropped."""
+    from triton.testing import do_bench
+
+    times: dict[str, float] = {}
+    best, best_us = None, float("inf")
+    scale = reference.abs().max().item()
+    for cfg in configs:
+        err = (run(cfg).float() - reference).abs().max().item()
+        if not err <= 1e-2 * scale + 1e-3:  # a broken config must not win the race
+            continue
+        us = 1e3 * do_bench(lambda cfg=cfg: run(cfg), return_mode="median")
+        times[str(cfg)] = us
+        if us < best_us:
+            best, best_us = cfg, us
+    return best, best_us, times
 
 
 def bench_gemv(
