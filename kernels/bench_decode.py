@@ -6,10 +6,14 @@ length) by:
   (a) hf       transformers LlamaForCausalLM eager `generate` (what the original code uses), sharing the weights;
   (b) compile  a gpt-fast-style static-cache forward written here in plain torch, compiled with
                torch.compile(mode="reduce-overhead") (CUDA graphs through Inductor);
-  (c) engine   our DecodeEngine (Triton kernels, one CUDA graph per step, pipelined host loop).
+  (c) engine   our DecodeEngine (Triton kernels, one CUDA graph per step, pipelined host loop), with its fused
+               layer kernels, as `engine_unfused` with one kernel per op (what the fusion replaces), and as
+               `engine_pdl` with programmatic dependent launch between its kernels (Hopper+, measured last).
 ms/token is the median over steps (p90 too); achieved GB/s counts the weight bytes and the KV-cache bytes each
 step reads; % of spec is against the card's datasheet memory bandwidth. Prefill time is measured for 128/512/1024
-tokens. Every number in one run, on one device, with ratios printed.
+tokens, by the engine's default path (`prefill_ms`: CUDA-graph replays per token bucket on CUDA) and, side by side,
+by its eager prefill (`prefill_eager_ms`, ratio `prefill_eager_over_graph`). Every number in one run, on one device,
+with ratios printed.
 """
 
 from __future__ import annotations
@@ -250,17 +254,25 @@ def profile_step(engine: DecodeEngine, context: int, replays: int = 5) -> dict:
             "kernels_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:15]}
 
 
-def time_prefill(engine: DecodeEngine, n: int, repeats: int = 3) -> float:
+def time_prefill(engine: DecodeEngine, n: int, repeats: int = 3, bucketed: bool | None = None) -> float:
+    """Median ms of prefilling n tokens at position 0 (after one untimed run); bucketed: force the bucket-graph
+    (True) or the eager (False) prefill, None = the engine's setting."""
     tokens = torch.randint(3, 32000, (n,))
-    times = []
-    for _ in range(repeats):
-        engine.truncate(0)
-        _sync(engine.device)
-        t0 = time.perf_counter()
-        engine.prefill(tokens)
-        _sync(engine.device)
-        times.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    saved = engine.prefill_bucketed
+    if bucketed is not None:
+        engine.prefill_bucketed = bucketed
+    try:
+        times = []
+        for _ in range(repeats + 1):
+            engine.truncate(0)
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            engine.prefill(tokens)
+            _sync(engine.device)
+            times.append(1000.0 * (time.perf_counter() - t0))
+        return statistics.median(times[1:])
+    finally:
+        engine.prefill_bucketed = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +309,9 @@ def benchmark(
         "weight_bytes_per_step": wbytes,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         "results": [],
-        "prefill_ms": {},
+        "prefill_ms": {},  # the engine's default prefill path (see prefill_path)
+        "prefill_eager_ms": {},
+        "prefill_eager_over_graph": {},
         "errors": {},
     }
     try:
@@ -313,6 +327,10 @@ def benchmark(
     for kind, row in engine.gemv_report.items():
         log(f"[bench-decode] GEMV {kind:>7} {row['n']}x{row['k']}: cuBLAS {row['torch_us']:.1f} us, Triton {row['triton_us']:.1f} us "
             f"-> {row['choice']}")
+    out["fused"] = engine.fused_report
+    for kind, row in engine.fused_report.items():
+        gbps = f"{row['gbps']:.0f} GB/s" if row.get("gbps") else "no config passed"
+        log(f"[bench-decode] fused {kind:>7} {row['n']}x{row['k']}: {row['us']:.1f} us ({gbps}) with {row['best_config']}")
     log(f"[bench-decode] engine ready in {time.perf_counter() - t0:.1f}s")
     if engine.use_graphs:
         t0 = time.perf_counter()
@@ -335,7 +353,9 @@ def benchmark(
         for ctx in contexts:
             by = {r["method"]: r["ms_median"] for r in out["results"] if r["requested_context"] == ctx}
             if "engine" in by:
-                out["ratios"][str(ctx)] = {f"{m}_over_engine": by[m] / by["engine"] for m in ("hf_eager", "compile") if m in by}
+                out["ratios"][str(ctx)] = {
+                    f"{m}_over_engine": by[m] / by["engine"] for m in ("hf_eager", "compile", "engine_unfused", "engine_pdl") if m in by
+                }
 
     def save() -> None:  # after every result, so a run cut short by a time limit still leaves its numbers
         ratios()
@@ -370,6 +390,14 @@ def benchmark(
         if replay_ms:
             record("engine_replay", ctx, replay_ms, requested_context=requested)
 
+    def unfused_at(requested: int, ctx: int) -> None:
+        # The same engine with one kernel per op (what the fused layer kernels replace), for the ratio.
+        engine.fused = False
+        try:
+            record("engine_unfused", ctx, run_engine(engine, ctx, steps)[0], requested_context=requested)
+        finally:
+            engine.fused = True
+
     hf = []
 
     def hf_at(requested: int, ctx: int) -> None:
@@ -378,28 +406,50 @@ def benchmark(
         record("hf_eager", ctx, run_hf(hf[0], ctx, min(steps, 32), dev), requested_context=requested)
 
     def prefill_times() -> None:
+        graphs = engine.prefill_bucketed
+        out["prefill_path"] = "graph" if graphs else "eager"
+        if graphs:
+            t0 = time.perf_counter()
+            engine.warmup_prefill()
+            out["prefill_capture_s"] = time.perf_counter() - t0
+            log(f"[bench-decode] prefill graphs for buckets {engine.prefill_buckets} captured in {out['prefill_capture_s']:.1f}s")
         for n_tok in (128, 512, 1024):
             if n_tok < max_seq:
-                out["prefill_ms"][str(n_tok)] = time_prefill(engine, n_tok)
-                log(f"  prefill {n_tok:5d} tokens: {out['prefill_ms'][str(n_tok)]:.2f} ms")
+                key = str(n_tok)
+                out["prefill_ms"][key] = time_prefill(engine, n_tok)
+                if not graphs:
+                    log(f"  prefill {n_tok:5d} tokens: {out['prefill_ms'][key]:.2f} ms (eager)")
+                    continue
+                out["prefill_eager_ms"][key] = eager = time_prefill(engine, n_tok, bucketed=False)
+                out["prefill_eager_over_graph"][key] = eager / out["prefill_ms"][key]
+                log(f"  prefill {n_tok:5d} tokens: graph {out['prefill_ms'][key]:.2f} ms, eager {eager:.2f} ms "
+                    f"({out['prefill_eager_over_graph'][key]:.2f}x)")
 
     # Cheap, essential measurements first; the torch.compile baseline (minutes of compilation at 7B) last.
     for requested, ctx in plan:
         if "engine" in methods:
             attempt(f"engine@{requested}", lambda: engine_at(requested, ctx))
+        if "unfused" in methods:
+            attempt(f"unfused@{requested}", lambda: unfused_at(requested, ctx))
         if "hf" in methods:
             attempt(f"hf@{requested}", lambda: hf_at(requested, ctx))
     attempt("prefill", prefill_times)
     if engine.use_graphs:
 
-        def prof() -> None:
-            p = out["profile"] = profile_step(engine, plan[0][1])
-            log(f"[bench-decode] profile at ctx {p['context']}: step {p['step_us']:.0f} us = kernels {p['kernel_us']:.0f} us "
-                f"({p['kernels_per_step']:.0f} launches) + idle {p['idle_us']:.0f} us")
+        def prof(fused: bool) -> None:
+            engine.fused = fused
+            try:
+                p = out["profile" if fused else "profile_unfused"] = profile_step(engine, plan[0][1])
+            finally:
+                engine.fused = True
+            log(f"[bench-decode] profile ({'fused' if fused else 'unfused'}) at ctx {p['context']}: step {p['step_us']:.0f} us "
+                f"= kernels {p['kernel_us']:.0f} us ({p['kernels_per_step']:.0f} launches) + idle {p['idle_us']:.0f} us")
             for r in p["top"][:8]:
                 log(f"    {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.0f}  {r['kernel']}")
 
-        attempt("profile", prof)
+        attempt("profile", lambda: prof(True))
+        if "unfused" in methods:
+            attempt("profile_unfused", lambda: prof(False))
     hf.clear()
     if "compile" in methods:
         compiled = []
@@ -414,6 +464,18 @@ def benchmark(
         if attempt("compile_build", build):
             for requested, ctx in plan:
                 attempt(f"compile@{requested}", lambda: record("compile", ctx, compiled[0].run(ctx, steps), requested_context=requested))
+    # Last, because it is the least proven path: the fused engine with programmatic dependent launch (Hopper+).
+    if "pdl" in methods and engine.use_graphs and torch.cuda.get_device_capability(dev)[0] >= 9:
+
+        def pdl_at(requested: int, ctx: int) -> None:
+            engine.pdl = True
+            try:
+                record("engine_pdl", ctx, run_engine(engine, ctx, steps)[0], requested_context=requested)
+            finally:
+                engine.pdl = False
+
+        for requested, ctx in plan:
+            attempt(f"pdl@{requested}", lambda: pdl_at(requested, ctx))
     save()
     return out
 
@@ -425,7 +487,10 @@ def format_table(res: dict) -> str:
         lines.append(f"{r['method']:>14} {r['context']:>5} {r['ms_median']:8.3f} {r['ms_p90']:8.3f} {r['tok_s']:8.1f} {r['GBps']:8.1f} {pct:>6}")
     for ctx, rs in res["ratios"].items():
         lines.append(f"ctx {ctx}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in rs.items()))
-    lines.append("prefill ms: " + ", ".join(f"{k}: {v:.2f}" for k, v in res["prefill_ms"].items()))
+    lines.append(f"prefill ms ({res.get('prefill_path', 'eager')}): " + ", ".join(f"{k}: {v:.2f}" for k, v in res["prefill_ms"].items()))
+    if res.get("prefill_eager_ms"):
+        lines.append("prefill ms (eager): " + ", ".join(
+            f"{k}: {v:.2f} ({res['prefill_eager_over_graph'][k]:.2f}x the graph's)" for k, v in res["prefill_eager_ms"].items()))
     return "\n".join(lines)
 
 
@@ -436,7 +501,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--context", type=int, nargs="+", default=[256, 1024, 2048],
                         help="prompt lengths to decode after (at the window's end the prompt is shortened by --steps)")
     parser.add_argument("--steps", type=int, default=128, help="decode steps timed per context")
-    parser.add_argument("--methods", default="engine,compile,hf", help="comma list of engine, compile, hf")
+    parser.add_argument("--methods", default="engine,unfused,compile,hf,pdl",
+                        help="comma list of engine, unfused (the engine with one kernel per op), compile, hf, "
+                             "pdl (the engine with programmatic dependent launch; CUDA >= sm_90)")
     parser.add_argument("--gemv", default="auto", choices=["auto", "torch", "triton"],
                         help="engine GEMVs: auto = measure cuBLAS vs Triton per shape and keep the faster")
     parser.add_argument("--json", type=Path, required=True, help="write results here")

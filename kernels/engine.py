@@ -8,6 +8,12 @@ never waits for the host. A stop or cancel discards the one step computed ahead 
 On the CPU the same step runs eagerly with the torch reference ops.
 
 Sampling settings are per call; a graph is captured per distinct (settings, head mode) and kept.
+
+Prefill on CUDA replays captured graphs too: the tokens are split into chunks that fit static token buckets
+(`prefill_buckets`, 16 .. 1024 by default), each chunk is padded to its bucket and run by that bucket's graph
+(`LlamaModel.prefill_static`, captured on first use or by `warmup_prefill()`, in the decode graphs' memory pool).
+Chunks chain through a device start position; only the last chunk's logits are copied out. A chunk no bucket fits
+(the cache's last few positions), and every prefill on the CPU or with graphs off, runs eagerly (`LlamaModel.prefill`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +33,45 @@ from kernels.sampling import SPEECHGPT_SAMPLING, SamplerState, SamplingParams, s
 
 # (N, K, dtype, device name) -> bench_gemv row with the decision, measured once per process.
 _GEMV_DECISIONS: dict[tuple, dict] = {}
+
+# Static prefill token counts, one CUDA graph each (captured on first use).
+PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+
+
+# Below about this many tokens a 7B prefill is bound by reading the weights, so padding a chunk up to its bucket
+# costs (almost) nothing; above it the padded tokens cost compute (a lead from H200 arithmetic: ~2.8 ms to read
+# 13.5 GB of bf16 weights = ~150 tokens of 13.4 GFLOP each at ~700 TFLOP/s).
+PAD_FREE_TOKENS = 128
+
+
+def plan_prefill_chunks(
+    start: int, n: int, buckets: Sequence[int], max_seq: int, pad_free: int = PAD_FREE_TOKENS
+) -> list[tuple[int | None, int]]:
+    """Split n tokens written at start into (bucket, count) chunks, in order. A chunk uses a bucket only where the
+    whole bucket fits the cache (start + bucket <= max_seq), so pad K/V never wrap onto a valid position. Each
+    chunk takes the smallest fitting bucket that holds the rest when padding to it is cheap (bucket <= pad_free,
+    or at most 25% padding), else the largest fitting bucket it fills (one more chunk = one more weight read,
+    cheaper than computing many pads). (None, rest): no bucket fits any more (the cache's last positions), run
+    the rest eagerly."""
+    if n < 1 or start < 0 or start + n > max_seq:
+        raise ValueError(f"prefill of {n} tokens at position {start} overflows the {max_seq}-position cache")
+    plan: list[tuple[int | None, int]] = []
+    ordered = sorted(buckets)
+    while n > 0:
+        fits = [b for b in ordered if start + b <= max_seq]
+        if not fits:
+            plan.append((None, n))
+            break
+        holds = [b for b in fits if b >= n]
+        filled = [b for b in fits if b <= n]
+        if holds and (holds[0] <= pad_free or 4 * holds[0] <= 5 * n or not filled):
+            bucket = holds[0]
+        else:
+            bucket = filled[-1]
+        count = min(n, bucket)
+        plan.append((bucket, count))
+        start, n = start + count, n - count
+    return plan
 
 
 @dataclass
@@ -50,11 +95,26 @@ class DecodeEngine:
         unit_span_ids: tuple[int, int] = (33000, 33001),
         cuda_graphs: bool = True,
         gemv: str = "torch",
+        fused: bool = True,
+        pdl: bool = False,
+        prefill_graphs: bool = True,
+        prefill_buckets: Sequence[int] = PREFILL_BUCKETS,
     ):
-        """gemv: "torch" (cuBLAS), "triton", or "auto" = measure both per weight shape on this device and keep the
-        faster (kernels.gemv.bench_gemv; results cached per shape and device for the process)."""
+        """fused: decode layers as six launches each (RMSNorm, RoPE + KV write, SiLU*mul and the residual
+        adds ride in the Triton GEMVs; see LlamaModel.decode_step), else one kernel per op. Switchable later
+        (`engine.fused = ...`, for side-by-side benchmarks); on the CPU both compute the same torch reference ops.
+        gemv: the unfused GEMVs and the LM head: "torch" (cuBLAS), "triton", or "auto" = measure both per weight
+        shape on this device and keep the faster (kernels.gemv.bench_gemv); "auto" also races the fused kernels'
+        tile configs (results cached per shape and device for the process). Otherwise fused kernels use their
+        default configs.
+        pdl: launch the fused path's kernels with programmatic dependent launch (CUDA, compute capability >= 9);
+        off by default until the benchmark shows it pays (`bench-decode` measures it as `engine_pdl`).
+        prefill_graphs: on CUDA with cuda_graphs, prefill by replaying one captured graph per token bucket
+        (prefill_buckets; those longer than the cache are dropped); False = eager prefill."""
         self.model = LlamaModel(weights, max_seq, unit_rows_start)
+        self.model.fused = fused
         self.device = self.model.device
+        self.pdl = pdl
         self.max_seq = self.model.max_seq
         self.sosp_id, self.eosp_id = unit_span_ids
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
@@ -72,13 +132,26 @@ class DecodeEngine:
         self._lock = threading.Lock()  # one decode at a time
         self.pending_token: int | None = None  # last token decoded but not yet fed to the model
         self.gemv_report: dict[str, dict] = {}
+        self.fused_report: dict[str, dict] = {}
         if gemv not in ("torch", "triton", "auto"):
             raise ValueError(f"gemv must be 'torch', 'triton' or 'auto', got {gemv!r}")
         if dev.type == "cuda" and gemv != "torch":
             self._choose_gemv(force_triton=gemv == "triton")
+        if dev.type == "cuda" and gemv == "auto":
+            self._choose_fused_configs()
         if self.use_graphs:
             self._host_tokens = torch.zeros(2, dtype=torch.int64, pin_memory=True)
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        if any(int(b) < 1 for b in prefill_buckets):
+            raise ValueError(f"prefill_buckets must be positive token counts, got {tuple(prefill_buckets)}")
+        self.prefill_buckets = tuple(sorted({int(b) for b in prefill_buckets if int(b) <= self.max_seq}))
+        # The bucketed (static-shape) prefill; off CUDA graphs it runs eagerly, which tests use to check the chunking.
+        self.prefill_bucketed = self.use_graphs and prefill_graphs and bool(self.prefill_buckets)
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefill_tokens = torch.zeros(max(self.prefill_buckets, default=1), dtype=torch.long, device=dev)
+        self._prefill_start = torch.zeros(1, dtype=torch.long, device=dev)  # advanced by each chunk on the device
+        self._prefill_n = torch.zeros(1, dtype=torch.long, device=dev)  # valid tokens in the current chunk
+        self._prefill_logits = torch.empty(weights.arch.vocab_size, dtype=torch.float32, device=dev)
 
     def _choose_gemv(self, force_triton: bool) -> None:
         from kernels.gemv import AUTO_CONFIGS, default_config
@@ -99,6 +172,74 @@ class DecodeEngine:
             row = _GEMV_DECISIONS[key]
             self.gemv_report[kind] = {k2: (str(v) if k2 == "best_config" else v) for k2, v in row.items()}
             self.model.gemv_choice[kind] = row["best_config"] if row["choice"] == "triton" else None
+
+    def _choose_fused_configs(self) -> None:
+        """Race each fused layer kernel's tile configs on layer 0's weights and keep the fastest correct one."""
+        from kernels.gemv import AUTO_CONFIGS, fastest_config
+        from kernels.gemv_residual import gemv_residual_triton
+        from kernels.norm_gate_up_silu import gate_up_configs, norm_gate_up_silu_reference, norm_gate_up_silu_triton
+        from kernels.norm_qkv_rope import norm_qkv_rope_reference, norm_qkv_rope_triton, qkv_configs
+
+        m, a, L = self.model, self.model.arch, self.model.w.layers[0]
+        dev, dt, eps = m.device, m.dtype, a.rms_norm_eps
+        g = torch.Generator(device=dev).manual_seed(0)
+
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(shape, generator=g, device=dev).to(dt)
+
+        hidden, attn, act = rnd(1, a.hidden_size), rnd(1, a.num_heads * a.head_dim), rnd(1, a.intermediate_size)
+        caches = [torch.zeros(a.num_kv_heads, 1, a.head_dim, dtype=dt, device=dev) for _ in range(4)]
+        pos0 = torch.zeros(1, dtype=torch.int32, device=dev)
+        acc = torch.empty(1, a.hidden_size, dtype=dt, device=dev)
+        f32 = {name: t.float() for name, t in (("hidden", hidden), ("attn_norm", L.attn_norm), ("mlp_norm", L.mlp_norm))}
+        races = {
+            "qkv": (
+                lambda c: norm_qkv_rope_triton(hidden, L.attn_norm, L.wqkv, eps, m.cos, m.sin, pos0, caches[0], caches[1], config=c),
+                lambda: norm_qkv_rope_reference(f32["hidden"], f32["attn_norm"], L.wqkv.float(), eps, m.cos, m.sin, pos0,
+                                                caches[2].float(), caches[3].float()),
+                qkv_configs(AUTO_CONFIGS, a.head_dim),
+                L.wqkv,
+            ),
+            # The residual kernels add into `acc`: zero it in the launch so the check sees the plain product.
+            "o": (lambda c: gemv_residual_triton(attn, L.wo, acc.zero_(), c), lambda: attn.float() @ L.wo.float().T, AUTO_CONFIGS, L.wo),
+            "gate_up": (
+                lambda c: norm_gate_up_silu_triton(hidden, L.mlp_norm, L.w_gate_up, eps, config=c),
+                lambda: norm_gate_up_silu_reference(f32["hidden"], f32["mlp_norm"], L.w_gate_up.float(), eps),
+                gate_up_configs(AUTO_CONFIGS),
+                L.w_gate_up,
+            ),
+            "down": (lambda c: gemv_residual_triton(act, L.w_down, acc.zero_(), c), lambda: act.float() @ L.w_down.float().T, AUTO_CONFIGS, L.w_down),
+        }
+        for kind, (run, reference, configs, weight) in races.items():
+            key = ("fused", kind, tuple(weight.shape), a.head_dim, dt, torch.cuda.get_device_name(dev))
+            if key not in _GEMV_DECISIONS:
+                best, best_us, times = fastest_config(run, reference(), configs)
+                nbytes = weight.numel() * weight.element_size()
+                _GEMV_DECISIONS[key] = {"n": weight.shape[0], "k": weight.shape[1], "best_config": best, "us": best_us,
+                                        "gbps": nbytes / (best_us * 1e-6) / 1e9 if best else None, "us_per_config": times}
+            row = _GEMV_DECISIONS[key]
+            self.fused_report[kind] = {k2: (str(v) if k2 == "best_config" else v) for k2, v in row.items()}
+            m.fused_choice[kind] = row["best_config"]  # None (no config passed the check) = the default
+
+    @property
+    def fused(self) -> bool:
+        """Whether decode steps run the fused layer kernels (see __init__)."""
+        return self.model.fused
+
+    @fused.setter
+    def fused(self, on: bool) -> None:
+        self.model.fused = bool(on)
+
+    @property
+    def pdl(self) -> bool:
+        """Whether the fused kernels use programmatic dependent launch (see __init__)."""
+        return self.model.pdl
+
+    @pdl.setter
+    def pdl(self, on: bool) -> None:
+        if on and not (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9):
+            raise ValueError(f"pdl needs a CUDA device of compute capability 9.0 or newer, not {self.device}")
+        self.model.pdl = bool(on)
 
     @classmethod
     def from_checkpoint(
@@ -131,11 +272,83 @@ class DecodeEngine:
         ids = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens), dtype=torch.long)
         if ids.numel() == 0:
             raise ValueError("prefill needs at least one token")
-        logits = self.model.prefill(ids.to(self.device, torch.long).view(-1), start)
+        ids = ids.to(self.device, torch.long).view(-1)
+        if self.prefill_bucketed:
+            logits = self._prefill_bucketed(ids, start)
+        else:
+            logits = self.model.prefill(ids, start)
         self._pos = start + ids.numel()
         self.pos_dev.fill_(self._pos)
         self._last_logits = logits
         return logits
+
+    def _prefill_bucketed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Prefill ids (device int64 [N]) at start chunk by chunk, each padded to its bucket (one graph replay on
+        CUDA). Returns a copy of the fp32 logits after the last token."""
+        plan = plan_prefill_chunks(start, ids.numel(), self.prefill_buckets, self.max_seq)
+        graphs = {}
+        if self.use_graphs:
+            # Capture before any chunk runs: the valid cache is then exactly [0, start) (later entries are dropped).
+            graphs = {b: self._prefill_graph(b, valid_end=start) for b, _ in plan if b is not None}
+        self._prefill_start.fill_(start)
+        logits, done = None, 0
+        for bucket, count in plan:
+            chunk = ids[done : done + count]
+            if bucket is None:  # the cache's last positions: no bucket fits, run eagerly (always the last chunk)
+                logits = self.model.prefill(chunk, start + done)
+            else:
+                # Pads keep whatever ids the buffer held (all legal ids); their K/V land after the valid tokens.
+                self._prefill_tokens[:count].copy_(chunk)
+                self._prefill_n.fill_(count)
+                if self.use_graphs:
+                    graphs[bucket].replay()
+                else:
+                    self._run_prefill_static(bucket)
+                logits = None
+            done += count
+        return self._prefill_logits.clone() if logits is None else logits
+
+    def _run_prefill_static(self, bucket: int) -> None:
+        self.model.prefill_static(self._prefill_tokens[:bucket], self._prefill_start, self._prefill_n, self._prefill_logits)
+
+    def _prefill_graph(self, bucket: int, valid_end: int) -> torch.cuda.CUDAGraph:
+        """The graph of one prefill bucket, captured on first use. Cache positions [0, valid_end) hold tokens that
+        must survive the capture's warm-up."""
+        graph = self._prefill_graphs.get(bucket)
+        if graph is not None:
+            return graph
+        cache = self.model.cache
+        at = self.max_seq - bucket  # warm up at the cache's end: usually past every valid token
+        # The warm-up really runs: it writes K/V at [at, max_seq) and moves the start. Save valid entries there.
+        saved = [t[:, :, at:valid_end].clone() for t in (cache.k, cache.v)] if valid_end > at else None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles Triton kernels and lets cuBLAS/SDPA pick kernels outside the capture
+                self._prefill_start.fill_(at)
+                self._prefill_n.fill_(bucket)
+                self._run_prefill_static(bucket)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._run_prefill_static(bucket)
+        if saved is not None:
+            for t, s in zip((cache.k, cache.v), saved):
+                t[:, :, at:valid_end].copy_(s)
+        self._prefill_graphs[bucket] = graph
+        return graph
+
+    def warmup_prefill(self, buckets: Iterable[int] | None = None) -> None:
+        """Capture the prefill graphs of these buckets (default: all) now rather than at the first prefill that
+        needs them; the cache contents are kept. A no-op where prefill runs eagerly."""
+        if not (self.prefill_bucketed and self.use_graphs):
+            return
+        for b in self.prefill_buckets if buckets is None else buckets:
+            if b not in self.prefill_buckets:
+                raise ValueError(f"warmup_prefill: {b} is not one of this engine's prefill buckets {self.prefill_buckets}")
+            self._prefill_graph(b, valid_end=self._pos)
 
     # ---- decoding -------------------------------------------------------------------------------------------
 
@@ -188,7 +401,7 @@ class DecodeEngine:
             self._update_span_flag()
 
     def _graph(self, params: SamplingParams, speech_mode: bool) -> torch.cuda.CUDAGraph:
-        key = (params, speech_mode)
+        key = (params, speech_mode, self.model.fused, self.model.pdl)
         if key in self._graphs:
             return self._graphs[key]
         # Warm-up and capture run (or record) the step, which advances device state: save and restore it.

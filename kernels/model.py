@@ -2,10 +2,17 @@
 forward functions).
 
 - `prefill(tokens, start_pos)`: a span of tokens at any position; torch SDPA with a causal mask offset by
-  start_pos. Returns the last position's logits.
+  start_pos. Returns the last position's logits. Runs eagerly (the CPU path, and CUDA with graphs off).
+- `prefill_static(tokens, start, n_valid, logits_out)`: the same layers at a static shape (a padded token bucket,
+  start and valid count read from device memory, attention over the whole cache under a device-built mask), so the
+  engine can capture one CUDA graph per bucket. Both prefills share one layer body (`_span_forward`).
 - `decode_step(...)`: one token; every input (token id, position, "unit span open" flag) is read from device
   memory and every output goes to preallocated buffers, so the whole step can be captured in one CUDA graph.
-  Kernels are chosen by device: Triton on CUDA, the torch reference ops on the CPU (one code path).
+  Kernels are chosen by device: Triton on CUDA, the torch reference ops on the CPU (one code path). By default
+  (`fused`) a layer is six launches: RMSNorm -> qkv GEMV -> RoPE -> KV write in one kernel
+  (kernels/norm_qkv_rope.py), split-K attention (two), o GEMV + residual add (kernels/gemv_residual.py),
+  RMSNorm -> gate/up GEMV -> SiLU*mul (kernels/norm_gate_up_silu.py), down GEMV + residual add. With
+  `fused = False` it is one kernel per op (ten launches), kept as the benchmark's side-by-side baseline.
 
 Weights are fused where that saves launches without changing the math: q/k/v rows in one matrix, gate/up rows in
 one matrix (each output row is still the same dot product).
@@ -21,6 +28,9 @@ import torch.nn.functional as F
 from kernels.checkpoint import LlamaArch, LlamaCheckpoint
 from kernels.lm_head import text_rows_logits
 from kernels.decode_attention import choose_num_splits, decode_attention, decode_attention_scratch
+from kernels.gemv_residual import gemv_residual
+from kernels.norm_gate_up_silu import norm_gate_up_silu
+from kernels.norm_qkv_rope import norm_qkv_rope
 from kernels.rmsnorm import add_rmsnorm, rmsnorm
 from kernels.rope import apply_rope_reference, rope_kv_write, rope_tables
 from kernels.silu_mul import silu_mul
@@ -165,6 +175,16 @@ class LlamaModel:
         # Per weight kind ("qkv", "o", "gate_up", "down", "head"): a Triton GEMV config, or None for cuBLAS
         # (F.linear). Set by the engine from a measurement (kernels.gemv.bench_gemv); cuBLAS by default.
         self.gemv_choice: dict[str, object] = {}
+        # Fused decode layers (see decode_step): six launches per layer instead of ten. Per layer kind ("qkv",
+        # "o", "gate_up", "down") a GemvConfig for the fused kernel, or None for its default; set by the engine.
+        self.fused = True
+        self.fused_choice: dict[str, object] = {}
+        # Launch the fused path's Triton kernels with programmatic dependent launch (Hopper+): each kernel's launch
+        # overlaps the previous one's tail, and it waits on the device for the data it reads. Off until measured.
+        self.pdl = False
+        self.hidden = torch.empty(1, arch.hidden_size, dtype=self.dtype, device=self.device)  # the residual stream
+        self.q_buf = torch.empty(arch.num_heads, arch.head_dim, dtype=self.dtype, device=self.device)
+        self.act_buf = torch.empty(1, arch.intermediate_size, dtype=self.dtype, device=self.device)
 
     def gemv_shapes(self) -> dict[str, tuple[int, int]]:
         L = self.w.layers[0]
@@ -186,17 +206,47 @@ class LlamaModel:
     def prefill(self, tokens: torch.Tensor, start_pos: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens [T] at positions start_pos.. and fill the cache. Returns fp32 logits of the last position
         ([V]), or of every position ([T, V]) with all_logits."""
-        arch, T = self.arch, int(tokens.shape[0])
+        T = int(tokens.shape[0])
         if T == 0:
             raise ValueError("prefill needs at least one token")
         end = start_pos + T
         if start_pos < 0 or end > self.max_seq:
             raise ValueError(f"prefill of {T} tokens at position {start_pos} overflows the {self.max_seq}-position cache")
-        H, Hkv, D = arch.num_heads, arch.num_kv_heads, arch.head_dim
         positions = torch.arange(start_pos, end, device=self.device)
-        x = F.embedding(tokens.to(self.device), self.w.embed)  # [T, H*D]
         # query i (absolute position start_pos + i) sees keys 0 .. start_pos + i
         mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start_pos)
+        h = self._span_forward(tokens.to(self.device), positions, mask, kv_len=end)
+        if not all_logits:
+            h = h[-1:]
+        logits = F.linear(h, self.w.lm_head).float()
+        return logits if all_logits else logits[0]
+
+    @torch.no_grad()
+    def prefill_static(
+        self, tokens: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor, logits_out: torch.Tensor
+    ) -> torch.Tensor:
+        """Static-shape prefill for CUDA-graph capture: tokens int64 [T] (the first n_valid real, the rest padding),
+        start and n_valid int64 [1] on the device; nothing is read on the host. Writes K/V at start .. start + T - 1,
+        the fp32 logits of the last valid token into logits_out [V], and advances start by n_valid (so chunks chain
+        on the device). The caller guarantees start + T <= max_seq: pad K/V then land after the valid tokens, where
+        nothing reads them before a later prefill or decode overwrites them."""
+        T = int(tokens.shape[0])
+        positions = start.long() + torch.arange(T, device=self.device)
+        # Attend over the whole cache (a static shape); keys past each query's position are masked, pads included.
+        mask = torch.arange(self.max_seq, device=self.device)[None, :] <= positions[:, None]
+        h = self._span_forward(tokens, positions, mask, kv_len=self.max_seq)
+        last = h.index_select(0, n_valid.long() - 1)  # [1, hidden]: the last valid row, chosen on the device
+        logits_out.copy_(F.linear(last, self.w.lm_head)[0])
+        start.add_(n_valid)
+        return logits_out
+
+    def _span_forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The layers over a span of tokens [T] at positions [T] (device int64): writes each layer's K/V into the
+        cache at those positions, attends over cache keys [0, kv_len) under mask [T, kv_len] (True = visible), and
+        returns the final-normed hidden states [T, hidden]. Shared by the eager and the static prefill."""
+        arch, T = self.arch, int(tokens.shape[0])
+        H, Hkv, D = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        x = F.embedding(tokens, self.w.embed)  # [T, H*D]
         residual = None
         for n, L in enumerate(self.w.layers):
             if residual is None:
@@ -207,10 +257,11 @@ class LlamaModel:
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             q = apply_rope_reference(q.view(T, H, D), self.cos, self.sin, positions)
             k = apply_rope_reference(k.view(T, Hkv, D), self.cos, self.sin, positions)
-            self.cache.k[n, :, start_pos:end] = k.transpose(0, 1)
-            self.cache.v[n, :, start_pos:end] = v.view(T, Hkv, D).transpose(0, 1)
-            keys = self.cache.k[n, :, :end].unsqueeze(0)
-            values = self.cache.v[n, :, :end].unsqueeze(0)
+            # index_copy_ takes the positions from device memory (capturable; same values as a slice write)
+            self.cache.k[n].index_copy_(1, positions, k.transpose(0, 1))
+            self.cache.v[n].index_copy_(1, positions, v.view(T, Hkv, D).transpose(0, 1))
+            keys = self.cache.k[n, :, :kv_len].unsqueeze(0)
+            values = self.cache.v[n, :, :kv_len].unsqueeze(0)
             attn = F.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=H != Hkv
             )  # [1, H, T, D]
@@ -218,10 +269,7 @@ class LlamaModel:
             h, residual = add_rmsnorm(x, residual, L.mlp_norm, arch.rms_norm_eps)
             x = F.linear(silu_mul(F.linear(h, L.w_gate_up)), L.w_down)
         h, _ = add_rmsnorm(x, residual, self.w.norm, arch.rms_norm_eps)
-        if not all_logits:
-            h = h[-1:]
-        logits = F.linear(h, self.w.lm_head).float()
-        return logits if all_logits else logits[0]
+        return h
 
     # ---- one decode step ------------------------------------------------------------------------------------
 
@@ -236,9 +284,17 @@ class LlamaModel:
         """Feed token (int64 [1]) at position pos (int32 [1]); write its K/V; return fp32 logits [V] in
         self.logits. seq_len (int32 [1]) is set to pos + 1 here; pos is advanced by one. When unit_span_open
         (int32 [1]) is given and non-zero, rows below unit_rows_start are -inf (the speech-mode head)."""
+        torch.add(pos, 1, out=seq_len)
+        h = self._decode_layers_fused(token, pos, seq_len) if self.fused else self._decode_layers(token, pos, seq_len)
+        self._head(h, unit_span_open)
+        pos.add_(1)
+        return self.logits
+
+    def _decode_layers(self, token: torch.Tensor, pos: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """One kernel per op: add+RMSNorm, qkv GEMV, RoPE + KV write, attention, o GEMV, add+RMSNorm, gate_up GEMV,
+        SiLU*mul, down GEMV. Returns the final-normed hidden state [1, H]."""
         arch = self.arch
         H, Hkv, D = arch.num_heads, arch.num_kv_heads, arch.head_dim
-        torch.add(pos, 1, out=seq_len)
         x = F.embedding(token.view(1), self.w.embed)  # [1, H*D]
         residual = None
         for n, L in enumerate(self.w.layers):
@@ -254,9 +310,25 @@ class LlamaModel:
             h, residual = add_rmsnorm(x, residual, L.mlp_norm, arch.rms_norm_eps)
             x = self._mv("down", silu_mul(self._mv("gate_up", h, L.w_gate_up)), L.w_down)
         h, _ = add_rmsnorm(x, residual, self.w.norm, arch.rms_norm_eps)
-        self._head(h, unit_span_open)
-        pos.add_(1)
-        return self.logits
+        return h
+
+    def _decode_layers_fused(self, token: torch.Tensor, pos: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """The same math in six launches per layer: RMSNorm rides in the GEMV that consumes it, RoPE and the KV
+        write in the qkv GEMV's epilogue, SiLU*mul in the gate_up GEMV's, the residual adds in the o and down
+        GEMVs' (the residual stream `self.hidden` is updated in place). On the CPU each fused op is its
+        op-by-op torch reference, so both paths compute the same thing there."""
+        arch, cfg, eps, pdl = self.arch, self.fused_choice, self.arch.rms_norm_eps, self.pdl
+        H, D = arch.num_heads, arch.head_dim
+        hidden = self.hidden
+        torch.index_select(self.w.embed, 0, token.view(1), out=hidden)
+        for n, L in enumerate(self.w.layers):
+            k_cache, v_cache = self.cache.k[n], self.cache.v[n]
+            q = norm_qkv_rope(hidden, L.attn_norm, L.wqkv, eps, self.cos, self.sin, pos, k_cache, v_cache, self.q_buf, cfg.get("qkv"), pdl)
+            attn = decode_attention(q, k_cache, v_cache, seq_len, num_splits=self.num_splits, scratch=self.attn_scratch, pdl=pdl)
+            gemv_residual(attn.reshape(1, H * D), L.wo, hidden, cfg.get("o"), pdl)
+            act = norm_gate_up_silu(hidden, L.mlp_norm, L.w_gate_up, eps, self.act_buf, cfg.get("gate_up"), pdl)
+            gemv_residual(act, L.w_down, hidden, cfg.get("down"), pdl)
+        return rmsnorm(hidden, self.w.norm, eps)
 
     def _head(self, h: torch.Tensor, unit_span_open: torch.Tensor | None) -> None:
         """h [1, H] -> fp32 logits in self.logits."""

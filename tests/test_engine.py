@@ -212,3 +212,47 @@ def test_speech_mode_constrains_the_first_token_too():
         toks = list(eng.decode(SPEECHGPT_SAMPLING, seed=seed, speech_mode=True, unit_span_open=True, max_new_tokens=6, stop_ids=()))
         closed = toks.index(33001) if 33001 in toks else len(toks)
         assert all(t >= 32000 for t in toks[: closed + 1]), toks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_layer_kernels_equal_the_unfused_step(tiny_llm, monkeypatch, dtype):
+    """The fused decode layers with their Triton kernels (interpreter) against the one-op-per-kernel step with the
+    torch reference ops, step by step on the same tokens: logits and every K/V row written."""
+    import kernels.model as km
+    from kernels import gemv_residual, norm_gate_up_silu, norm_qkv_rope
+    from kernel_rules import assert_dtype_rule
+    from kernels.model import LlamaModel
+
+    tok, arch, sd = tiny_llm
+    models = {}
+    for name, dt, fused in (("fused", dtype, True), ("unfused", dtype, False), ("fp32", torch.float32, False)):
+        models[name] = LlamaModel(LlamaWeights.from_state_dict(arch, sd.__getitem__, dt, "cpu"), max_seq=128)
+        models[name].fused = fused
+    monkeypatch.setattr(km, "norm_qkv_rope", norm_qkv_rope.norm_qkv_rope_triton)
+    monkeypatch.setattr(km, "norm_gate_up_silu", norm_gate_up_silu.norm_gate_up_silu_triton)
+    monkeypatch.setattr(km, "gemv_residual", gemv_residual.gemv_residual_triton)
+    prompt = torch.tensor(speech_prompt(tok, 3, n=10))
+    for m in models.values():
+        m.prefill(prompt, 0)
+    state = {name: (torch.zeros(1, dtype=torch.int32) + len(prompt), torch.zeros(1, dtype=torch.int32)) for name in models}
+    token = torch.tensor([int(tok.encode("<sosp>")[-1])])
+    for step in range(6):
+        logits = {name: m.decode_step(token, *state[name]).clone() for name, m in models.items()}
+        if dtype == torch.float32:
+            torch.testing.assert_close(logits["fused"], logits["unfused"], atol=1e-4, rtol=1e-4)
+        else:
+            assert_dtype_rule(logits["fused"].to(dtype), logits["unfused"].to(dtype), logits["fp32"], f"step {step} logits")
+        token = logits["fp32"].argmax().view(1)
+    end = len(prompt) + 6
+    for kv in ("k", "v"):
+        got, want = getattr(models["fused"].cache, kv)[:, :, :end], getattr(models["unfused"].cache, kv)[:, :, :end]
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert all(int(s[0][0]) == end for s in state.values())
+
+
+def test_pdl_needs_a_hopper_gpu(tiny_llm):
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        new_engine(tiny_llm, pdl=True)
+    eng = new_engine(tiny_llm)
+    assert eng.fused and not eng.pdl
