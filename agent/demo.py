@@ -1,4 +1,4 @@
-"""`speechgpt-rt demo` (what `make demo` runs): the reference pipeline on a real spoken question.
+"""`speechgpt-rt demo` (what `make demo` runs): the whole pipeline, on our decode engine, on a real spoken question.
 
 Makes the tiny bundle if it is missing, answers the shipped recording (espeak-ng speech, text in question.txt) and
 writes the reply WAV. With the tiny bundle the weights are random and the LLM only learned the answer format, so
@@ -40,7 +40,7 @@ def run(args) -> int:
     print(f"[demo] question audio: {QUESTION_WAV.name} (espeak-ng speech of: {question!r})")
     code = respond.run(argparse.Namespace(
         input=str(QUESTION_WAV), output=args.output, model_dir=args.bundle, mode="speech", seed=args.seed,
-        device="cpu", max_new_tokens=respond.SPEECHGPT_MAX_NEW_TOKENS, json=None,
+        device="cpu", max_new_tokens=respond.SPEECHGPT_MAX_NEW_TOKENS, json=None, generator="engine", speech_head=False,
     ))
     if paths.is_tiny:
         print("\n" + "!" * 100)

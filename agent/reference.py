@@ -10,32 +10,16 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
 from agent.bundle import BundlePaths
-from agent.parser import AnswerDone, Event, ParsedResponse, ResponseParser
-from agent.prompts import Task
+from agent.generation import SPEECHGPT_MAX_NEW_TOKENS, GenerationResult, TokenGenerator, check_vocab_size
 from agent.tokenizer import SpeechGPTTokenizer
 from kernels.checkpoint import LlamaArch, LlamaCheckpoint
 from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams, sample_reference
 
-SPEECHGPT_MAX_NEW_TOKENS = 2048
-
-
-@dataclass
-class GenerationResult:
-    prompt_ids: list[int]
-    new_ids: list[int]
-    response: ParsedResponse
-    events: list[Event] = field(default_factory=list)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.new_ids) / self.decode_s if self.decode_s > 0 else float("nan")
+__all__ = ["SPEECHGPT_MAX_NEW_TOKENS", "SPEECHGPT_SAMPLING", "GenerationResult", "ReferenceGenerator", "build_hf_llama"]
 
 
 def build_hf_llama(arch: LlamaArch, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device):
@@ -53,7 +37,9 @@ def build_hf_llama(arch: LlamaArch, state_dict: dict[str, torch.Tensor], dtype: 
     return model.to(device).eval()
 
 
-class ReferenceGenerator:
+class ReferenceGenerator(TokenGenerator):
+    """transformers LlamaForCausalLM, a growing DynamicCache, HF 4.33 sampling on the CPU."""
+
     def __init__(self, tokenizer: SpeechGPTTokenizer, model, device: str | torch.device = "cpu"):
         self.tokenizer = tokenizer
         self.model = model
@@ -64,17 +50,9 @@ class ReferenceGenerator:
     def from_bundle(cls, paths: BundlePaths, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "ReferenceGenerator":
         tokenizer = SpeechGPTTokenizer.from_dir(paths.tokenizer_dir)
         ckpt = LlamaCheckpoint(paths.llm_dir, paths.lora_dir)
-        if ckpt.arch.vocab_size != tokenizer.vocab.vocab_size:
-            raise ValueError(
-                f"{paths.llm_dir / 'config.json'}: vocab_size {ckpt.arch.vocab_size} does not match the tokenizer's "
-                f"{tokenizer.vocab.vocab_size} tokens"
-            )
+        check_vocab_size(ckpt, tokenizer, paths)
         model = build_hf_llama(ckpt.arch, ckpt.state_dict(torch.float32), dtype, device)
         return cls(tokenizer, model, device)
-
-    def max_new_tokens_for(self, prompt_len: int, requested: int = SPEECHGPT_MAX_NEW_TOKENS) -> int:
-        """SpeechGPT asks for 2048 new tokens; we also stop at the 2048-position context it was trained on."""
-        return max(0, min(requested, self.max_positions - prompt_len))
 
     @torch.no_grad()
     def stream(
@@ -111,32 +89,3 @@ class ReferenceGenerator:
             if token == params.eos_id:
                 return
             ids = torch.tensor([[token]], device=self.device)
-
-    def generate(
-        self,
-        prompt: str | list[int],
-        task: Task | str = Task.SPEECH,
-        seed: int = 0,
-        params: SamplingParams = SPEECHGPT_SAMPLING,
-        max_new_tokens: int = SPEECHGPT_MAX_NEW_TOKENS,
-        stop_at_answer_end: bool = False,
-    ) -> GenerationResult:
-        """Generate and parse one answer. With `stop_at_answer_end` decoding stops at `<eoa>` (saves the final
-        "." and EOS); the default runs to EOS like the official code."""
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        parser = ResponseParser(self.tokenizer, task)
-        timing: dict = {}
-        new_ids: list[int] = []
-        events: list[Event] = []
-        for token in self.stream(prompt_ids, params, seed, max_new_tokens, timing):
-            new_ids.append(token)
-            events += parser.feed(token)
-            if parser.done and (stop_at_answer_end or token == params.eos_id):
-                break
-        if not parser.done:
-            events += parser.finish("length")
-        elif not any(isinstance(e, AnswerDone) for e in events):  # pragma: no cover - parser always ends with it
-            raise AssertionError("parser finished without AnswerDone")
-        return GenerationResult(
-            prompt_ids, new_ids, parser.response, events, timing.get("prefill_s", 0.0), timing.get("decode_s", 0.0)
-        )

@@ -1,10 +1,12 @@
-"""`speechgpt-rt respond`: the reference pipeline, one question in, one reply out.
+"""`speechgpt-rt respond`: the whole-utterance pipeline, one question in, one reply out.
 
     audio -> 16 kHz mono -> mHuBERT L11 + k-means on the whole utterance -> reduced units -> official prompt
-          -> reference generator (transformers LLaMA, SpeechGPT sampling) -> streaming parser
-          -> unit vocoder over the whole unit answer -> WAV
+          -> text-side generator (SpeechGPT sampling) -> streaming parser -> unit vocoder over the whole unit
+          answer -> WAV
 
-Every later fast path (incremental units, the decode engine, the chunked vocoder) is judged against this.
+The generator is our decode engine by default (`--generator engine`; on the CPU it draws the same tokens as the
+reference for a seed) or the transformers reference (`--generator reference`). The other stages are the
+references the streaming fast paths (incremental units, the chunked vocoder) are judged against.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from agent.bundle import BundlePaths, resolve_bundle
 from agent.parser import ParsedResponse
 from agent.prompts import Task, prompt_for
-from agent.reference import SPEECHGPT_MAX_NEW_TOKENS, ReferenceGenerator
+from agent.generation import SPEECHGPT_MAX_NEW_TOKENS, TokenGenerator
 from agent.tiny import TINY_NOTICE
 
 AUDIO_TASKS = (Task.SPEECH, Task.ASR)
@@ -38,16 +40,39 @@ class RespondResult:
     new_tokens: int = 0
 
 
-class ReferencePipeline:
-    """Loads the whole reference system from a model directory (release layout, tiny bundle or converted bundle)."""
+GENERATORS = ("engine", "reference")
 
-    def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+
+class ReferencePipeline:
+    """Loads the whole system from a model directory (release layout, tiny bundle or converted bundle).
+    generator: "engine" (kernels.engine via agent.engine_generator) or "reference" (transformers);
+    speech_mode: the engine's restricted head inside unit spans (ignored by the reference)."""
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        generator: str = "engine",
+        speech_mode: bool = False,
+    ):
         from streaming.units import UnitExtractor
         from streaming.vocoder import load_vocoder
 
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
         t0 = time.perf_counter()
         self.paths: BundlePaths = resolve_bundle(model_dir)
-        self.generator = ReferenceGenerator.from_bundle(self.paths, dtype=dtype, device=device)
+        self.generator: TokenGenerator
+        if generator == "engine":
+            from agent.engine_generator import EngineGenerator
+
+            self.generator = EngineGenerator.from_bundle(self.paths, dtype=dtype, device=device, speech_mode=speech_mode)
+        else:
+            from agent.reference import ReferenceGenerator
+
+            self.generator = ReferenceGenerator.from_bundle(self.paths, dtype=dtype, device=device)
+        self.generator_name = generator
         self.tokenizer = self.generator.tokenizer
         self.units = UnitExtractor.from_files(self.paths.hubert, self.paths.kmeans, device)
         self.vocoder = load_vocoder(self.paths.vocoder, device)
@@ -91,10 +116,11 @@ def _read_text_input(value: str) -> str:
     return p.read_text(encoding="utf-8").strip() if p.suffix == ".txt" and p.is_file() else value
 
 
-def format_report(result: RespondResult, load_s: float, out_wav: Path | None) -> str:
+def format_report(result: RespondResult, load_s: float, out_wav: Path | None, generator: str = "engine") -> str:
     r = result.response
     lines = [
         f"mode:          {result.task.value}",
+        f"generator:     {generator}",
         f"input units:   {len(result.input_units)}" if result.task in AUDIO_TASKS else "input:         text",
         f"transcript:    {r.transcript!r}",
         f"text answer:   {r.text_answer!r}",
@@ -121,6 +147,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--max-new-tokens", type=int, default=SPEECHGPT_MAX_NEW_TOKENS)
+    parser.add_argument("--generator", choices=GENERATORS, default="engine",
+                        help="engine: our decode engine (default); reference: transformers LlamaForCausalLM")
+    parser.add_argument("--speech-head", action="store_true",
+                        help="engine only: score only unit/special rows inside unit spans (default: full vocabulary, like the original)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
 
 
@@ -131,7 +161,7 @@ def run(args) -> int:
 
     task = Task(args.mode)
     dtype = torch.float32 if args.device == "cpu" else torch.float16
-    pipeline = ReferencePipeline(args.model_dir, args.device, dtype)
+    pipeline = ReferencePipeline(args.model_dir, args.device, dtype, args.generator, args.speech_head)
     if pipeline.paths.is_tiny:
         print(f"NOTE: {TINY_NOTICE}\n", file=sys.stderr)
     if task in AUDIO_TASKS:
@@ -143,13 +173,13 @@ def run(args) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         sf.write(args.output, result.reply_wav, 16000, subtype="PCM_16")
         out_wav = args.output
-    print(format_report(result, pipeline.load_s, out_wav))
+    print(format_report(result, pipeline.load_s, out_wav, pipeline.generator_name))
     if args.json:
         r = result.response
         args.json.write_text(json.dumps({
             "mode": task.value, "input_units": result.input_units, "transcript": r.transcript, "text_answer": r.text_answer,
             "units": r.units, "issues": [i.value for i in r.issues], "end_reason": r.end_reason,
             "timings_s": {"load": pipeline.load_s, **result.timings}, "output": str(out_wav) if out_wav else None,
-            "tiny_bundle": pipeline.paths.is_tiny,
+            "tiny_bundle": pipeline.paths.is_tiny, "generator": pipeline.generator_name,
         }, indent=2))
     return 0

@@ -453,6 +453,13 @@ class DecodeStream:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def close(self) -> None:
+        """Stop now and release the engine (for a caller that abandons the stream mid-way); the cache keeps what
+        was consumed, as after cancel()."""
+        self._cancel.set()
+        if self._gen is not None:
+            self._gen.close()
+
     def __iter__(self):
         if self._gen is None:
             self._gen = self._run()

@@ -1,4 +1,4 @@
-"""The tiny bundle, the reference `respond` pipeline, `convert`, the CLI and packaging."""
+"""The tiny bundle, the `respond` pipeline (engine and reference generators), `convert`, the CLI and packaging."""
 
 from __future__ import annotations
 
@@ -106,6 +106,41 @@ def test_respond_every_mode_end_to_end(pipeline, question, task):
         durations = pipeline.vocoder.predict_durations(a.response.units)
         assert a.reply_wav.shape == (320 * int(durations.sum()),)
         np.testing.assert_array_equal(a.reply_wav, b.reply_wav)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_engine_pipeline_equals_reference_pipeline(pipeline, tiny_bundle, question, seed):
+    """The default generator (our decode engine, CPU path) draws the same tokens as the transformers reference for
+    a seed, in every mode: same answer, same reply audio."""
+    assert pipeline.generator_name == "engine"
+    reference = _reference_pipeline(tiny_bundle)
+    for task in Task:
+        kw = {"audio": question} if task in (Task.SPEECH, Task.ASR) else {"text": "Say something short."}
+        a, b = pipeline.respond(task, seed=seed, **kw), reference.respond(task, seed=seed, **kw)
+        assert (a.response, a.new_tokens) == (b.response, b.new_tokens), task
+        if a.reply_wav is not None:
+            np.testing.assert_array_equal(a.reply_wav, b.reply_wav)
+
+
+_REFERENCE: dict = {}
+
+
+def _reference_pipeline(bundle) -> ReferencePipeline:
+    if bundle not in _REFERENCE:
+        _REFERENCE[bundle] = ReferencePipeline(bundle, generator="reference")
+    return _REFERENCE[bundle]
+
+
+def test_engine_stream_closed_early_frees_the_engine(pipeline, question):
+    gen = pipeline.generator
+    prompt = gen.tokenizer.encode("[Human]: hi <eoh> [SpeechGPT]: ")
+    first = gen.stream(prompt, seed=0)
+    got = [next(first) for _ in range(3)]
+    first.close()  # abandon mid-answer (barge-in): the engine's decode lock must be released
+    again = list(gen.stream(prompt, seed=0, max_new_tokens=3))
+    assert again == got
+    with pytest.raises(ValueError, match="generator must be"):
+        ReferencePipeline(pipeline.paths.root, generator="vllm")
 
 
 def test_respond_resamples_and_downmixes(pipeline, question, tmp_path):
