@@ -109,6 +109,7 @@ def _decode_attn_split_kernel(
 ):
     if USE_GDC:  # programmatic dependent launch: q and this step's K/V row come from the previous kernel
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # past the wait: see kernels.gemv.dot_rows
     head = tl.program_id(0)
     split = tl.program_id(1)
     kv_head = head // GROUP
@@ -143,8 +144,6 @@ def _decode_attn_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
 
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
     row = scratch_ptr + (head * num_splits + split).to(tl.int64) * (D + 2)
     tl.store(row + offs_d, acc, mask=dmask)
     # m_i / l_i are [1] blocks (loop-carried); reduce them to scalars for the scalar stores.
@@ -165,6 +164,7 @@ def _decode_attn_combine_kernel(
 ):
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     smask = offs_s < num_splits

@@ -72,6 +72,30 @@ def default_config(n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
+def _weight_tile(w_rows, cols, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_rows + cols[None, :])
+    return tl.load(w_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _accumulate(acc, sq, w, x_ptr, g_ptr, cols, K, EVEN_K: tl.constexpr, NORM: tl.constexpr):
+    if EVEN_K:
+        x = tl.load(x_ptr + cols).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if NORM:
+        if EVEN_K:
+            g = tl.load(g_ptr + cols).to(tl.float32)
+        else:
+            g = tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        sq += x * x
+        x = x * g
+    acc += w.to(tl.float32) * x[None, :]
+    return acc, sq
+
+
+@triton.jit
 def dot_rows(
     w_ptr,
     rows,
@@ -83,31 +107,33 @@ def dot_rows(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     NORM: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """The GEMV inner loop, shared by the plain and the fused GEMVs: for the BLOCK_N weight rows `rows` (any row
     indices, each row contiguous along K) returns fp32 y[r] = sum_k W[rows[r], k] * x[k] and 0.0. With NORM it
     multiplies x by the RMSNorm weight g on the fly and also returns sum_k x[k]^2, so a fused kernel can apply
-    the norm's 1/rms to y afterwards (W (g * x / rms) = (W (g * x)) / rms) without a separate norm pass."""
+    the norm's 1/rms to y afterwards (W (g * x / rms) = (W (g * x)) / rms) without a separate norm pass.
+
+    GDC (programmatic dependent launch): the first weight tile does not depend on the previous kernel, so it is
+    requested before waiting for that kernel (weight streaming starts during its tail); x and g are read only
+    after the wait. The next kernel is then allowed to launch: it finds this one past its own wait, so at most
+    two kernels of the chain are resident at a time, and everything before this kernel's predecessor is done."""
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(x_ptr + cols).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :])
-        else:
-            kmask = cols < K
-            x = tl.load(x_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=kmask[None, :], other=0.0)
-        if NORM:
-            if EVEN_K:
-                g = tl.load(g_ptr + cols).to(tl.float32)
-            else:
-                g = tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            sq += x * x
-            x = x * g
-        acc += w.to(tl.float32) * x[None, :]
+    if GDC:
+        cols = tl.arange(0, BLOCK_K)
+        w = _weight_tile(w_rows, cols, K, EVEN_K)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        acc, sq = _accumulate(acc, sq, w, x_ptr, g_ptr, cols, K, EVEN_K, NORM)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            acc, sq = _accumulate(acc, sq, _weight_tile(w_rows, cols, K, EVEN_K), x_ptr, g_ptr, cols, K, EVEN_K, NORM)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            acc, sq = _accumulate(acc, sq, _weight_tile(w_rows, cols, K, EVEN_K), x_ptr, g_ptr, cols, K, EVEN_K, NORM)
     return tl.sum(acc, axis=1), tl.sum(sq, axis=0)
 
 
@@ -126,7 +152,7 @@ def _gemv_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # Clamp rather than mask the row loads: the last program re-reads row N-1 and its store is masked.
-    y, _ = dot_rows(w_ptr, tl.minimum(rows, N - 1), stride_wn, x_ptr, x_ptr, K, BLOCK_N, BLOCK_K, EVEN_K, False)
+    y, _ = dot_rows(w_ptr, tl.minimum(rows, N - 1), stride_wn, x_ptr, x_ptr, K, BLOCK_N, BLOCK_K, EVEN_K, False, False)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 

@@ -39,12 +39,10 @@ def _gemv_residual_kernel(
     EVEN_K: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes (x, h) first
-        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    y, _ = dot_rows(w_ptr, tl.minimum(rows, N - 1), stride_wn, x_ptr, x_ptr, K, BLOCK_N, BLOCK_K, EVEN_K, False)
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
+    # USE_GDC: dot_rows waits for the previous kernel (programmatic dependent launch) before reading x; h is read
+    # and written after that wait.
+    y, _ = dot_rows(w_ptr, tl.minimum(rows, N - 1), stride_wn, x_ptr, x_ptr, K, BLOCK_N, BLOCK_K, EVEN_K, False, USE_GDC)
     act_ty = h_ptr.dtype.element_ty
     mask = rows < N
     res = tl.load(h_ptr + rows, mask=mask, other=0.0).to(tl.float32)

@@ -49,15 +49,12 @@ def _norm_gate_up_silu_kernel(
     EVEN_K: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes (x) before reading them
-        tl.extra.cuda.gdc_wait()
     i = tl.arange(0, 2 * P)
     j = tl.program_id(0) * P + i // 2
     # Clamp the tail's rows (masked at the store) rather than masking loads.
     rows = tl.minimum(j, INTER - 1) + (i % 2) * INTER
-    y, sq = dot_rows(w_ptr, rows, stride_wn, x_ptr, g_ptr, K, 2 * P, BLOCK_K, EVEN_K, True)
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
+    # USE_GDC: dot_rows waits for the previous kernel (programmatic dependent launch) before reading x.
+    y, sq = dot_rows(w_ptr, rows, stride_wn, x_ptr, g_ptr, K, 2 * P, BLOCK_K, EVEN_K, True, USE_GDC)
     act_ty = out_ptr.dtype.element_ty
     y = (y * tl.rsqrt(sq / K + eps)).to(act_ty).to(tl.float32)
     gate, up = tl.split(tl.reshape(y, [P, 2]))

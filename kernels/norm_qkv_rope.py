@@ -82,17 +82,15 @@ def _norm_qkv_rope_kernel(
     USE_GDC: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
-    if USE_GDC:  # programmatic dependent launch: wait for the previous kernel's writes (x) before reading them
-        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     head = pid // (HALF // PAIRS)  # q heads, then k heads, then v heads
     j0 = (pid % (HALF // PAIRS)) * PAIRS
     # Rows interleaved (j, j + D/2) so that the outputs reshape to [PAIRS, 2] = (first half, second half).
     i = tl.arange(0, 2 * PAIRS)
     rows = head * HEAD_DIM + j0 + i // 2 + (i % 2) * HALF
-    y, sq = dot_rows(w_ptr, rows, stride_wn, x_ptr, g_ptr, K, 2 * PAIRS, BLOCK_K, EVEN_K, True)
-    if USE_GDC:  # the next kernel may start launching (it waits for our completion before reading)
-        tl.extra.cuda.gdc_launch_dependents()
+    # With USE_GDC (programmatic dependent launch) dot_rows waits for the previous kernel before reading x; the
+    # stores below come after that wait too.
+    y, sq = dot_rows(w_ptr, rows, stride_wn, x_ptr, g_ptr, K, 2 * PAIRS, BLOCK_K, EVEN_K, True, USE_GDC)
     act_ty = q_out_ptr.dtype.element_ty
     y = (y * tl.rsqrt(sq / K + eps)).to(act_ty).to(tl.float32)  # the projection's output dtype
     x1, x2 = tl.split(tl.reshape(y, [PAIRS, 2]))
