@@ -166,3 +166,23 @@ def test_bucketed_engine_at_the_cache_end(weights, one_torch_thread):
         assert eng.pos == 58
     torch.testing.assert_close(out[2], out[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[3], out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_static_prefill_reads_nothing_on_the_host():
+    """A CUDA graph replays device work only: a host read of a device value (.item(), int(), a data-dependent
+    shape) would freeze the captured value or break capture. On the meta device any such read raises, so running
+    prefill_static there proves its torch-level code has none."""
+    from kernels.model import LayerWeights
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta")
+
+    h, i, kv, v = GQA.hidden_size, GQA.intermediate_size, GQA.kv_dim, GQA.vocab_size
+    layers = [LayerWeights(meta(h), meta(h + 2 * kv, h), meta(h, h), meta(h), meta(2 * i, h), meta(h, i)) for _ in range(2)]
+    model = LlamaModel(LlamaWeights(GQA, meta(v, h), layers, meta(h), meta(v, h)), max_seq=MAX_SEQ)
+    ids = torch.zeros(16, dtype=torch.long, device="meta")
+    start, n_valid = torch.zeros(1, dtype=torch.long, device="meta"), torch.ones(1, dtype=torch.long, device="meta")
+    logits = model.prefill_static(ids, start, n_valid, torch.empty(v, device="meta"))
+    assert logits.shape == (v,)
+    with pytest.raises(Exception, match="meta"):  # the probe itself works: a host read does raise there
+        int(n_valid)
