@@ -78,6 +78,6 @@ def test_gpu_7b_shape_bf16(gen, no_tf32):
 
 
 @pytest.mark.gpu
-def test_gpu_every_auto_config_bf16(gen, no_tf32):
-    for cfg in ng.gate_up_configs(AUTO_CONFIGS):
+def test_gpu_auto_configs_bf16(gen, no_tf32):
+    for cfg in ng.gate_up_configs(AUTO_CONFIGS)[::3]:  # a spread (the engine checks every config it races)
         _check(gen, 1000, 4096, torch.bfloat16, cfg, "cuda")

@@ -132,6 +132,6 @@ def test_gpu_7b_shape_bf16(gen, no_tf32, pos):
 
 
 @pytest.mark.gpu
-def test_gpu_every_auto_config_bf16(gen, no_tf32):
-    for cfg in nq.qkv_configs(AUTO_CONFIGS, 128):
+def test_gpu_auto_configs_bf16(gen, no_tf32):
+    for cfg in nq.qkv_configs(AUTO_CONFIGS, 128)[::3]:  # a spread (the engine checks every config it races)
         _check(gen, 4, 4, 128, 4096, 64, 17, torch.bfloat16, cfg, "cuda")
