@@ -255,8 +255,13 @@ class DecodeEngine:
         """Number of tokens whose K/V are in the cache."""
         return self._pos
 
+    def _check_idle(self, what: str) -> None:
+        if self._lock.locked():
+            raise RuntimeError(f"{what} while a decode stream is running on this engine: finish it, or cancel() and close() it first")
+
     def truncate(self, pos: int) -> None:
         """Roll the cache back to its first `pos` tokens (later entries are ignored and overwritten)."""
+        self._check_idle("truncate")
         if not 0 <= pos <= self._pos:
             raise ValueError(f"truncate({pos}): the cache holds {self._pos} tokens")
         self._pos = pos
@@ -266,13 +271,22 @@ class DecodeEngine:
     def prefill(self, tokens: Iterable[int] | torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
         """Write tokens into the cache at start_pos (default: after what is there; earlier = truncate first).
         Returns the fp32 logits after the last token (the distribution of the next one)."""
+        self._check_idle("prefill")
         start = self._pos if start_pos is None else int(start_pos)
-        if start > self._pos:
-            raise ValueError(f"prefill at {start} would leave a gap: the cache holds {self._pos} tokens")
+        if not 0 <= start <= self._pos:
+            raise ValueError(f"prefill at {start}: must be in [0, {self._pos}] (the cache holds {self._pos} tokens; no gaps)")
         ids = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens), dtype=torch.long)
         if ids.numel() == 0:
             raise ValueError("prefill needs at least one token")
-        ids = ids.to(self.device, torch.long).view(-1)
+        # An id outside the embedding would be a device-side assert on CUDA, which kills the whole process's CUDA
+        # context: check on the host (prefill happens once per turn; the ids are small).
+        host = ids.detach().reshape(-1).cpu()
+        vocab = self.model.arch.vocab_size
+        bad = ((host < 0) | (host >= vocab)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"prefill: token id {int(host[i])} at index {i} is outside the vocabulary [0, {vocab})")
+        ids = host.to(self.device, torch.long)
         if self.prefill_bucketed:
             logits = self._prefill_bucketed(ids, start)
         else:

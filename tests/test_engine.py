@@ -256,3 +256,28 @@ def test_pdl_needs_a_hopper_gpu(tiny_llm):
         new_engine(tiny_llm, pdl=True)
     eng = new_engine(tiny_llm)
     assert eng.fused and not eng.pdl
+
+
+def test_prefill_rejects_bad_ids_and_busy_engine(tiny_llm):
+    tok = tiny_llm[0]
+    eng = new_engine(tiny_llm)
+    with pytest.raises(ValueError, match=r"token id 33006 at index 2 is outside the vocabulary \[0, 33006\)"):
+        eng.prefill([1, 5, 33006, 7])
+    with pytest.raises(ValueError, match="token id -1 at index 0"):
+        eng.prefill(torch.tensor([-1, 3]))
+    assert eng.pos == 0  # nothing was written
+    eng.prefill(speech_prompt(tok, 4, n=8))
+    with pytest.raises(ValueError, match=rf"prefill at {eng.pos + 1}: must be in \[0, {eng.pos}\]"):
+        eng.prefill([5], start_pos=eng.pos + 1)
+    stream = eng.decode(GREEDY, max_new_tokens=10)
+    first = next(iter(stream))
+    with pytest.raises(RuntimeError, match="while a decode stream is running"):
+        eng.prefill([5])
+    with pytest.raises(RuntimeError, match="while a decode stream is running"):
+        eng.truncate(0)
+    stream.cancel()
+    stream.close()  # an abandoned stream releases the engine
+    assert eng.pending_token == first
+    eng.truncate(0)
+    eng.prefill([1, 2, 3])
+    assert eng.pos == 3
