@@ -58,6 +58,14 @@ class EngineGenerator(TokenGenerator):
         )
         return cls(tokenizer, engine, speech_mode)
 
+    def warmup(self, params: SamplingParams = SPEECHGPT_SAMPLING) -> float:
+        """Capture the CUDA graphs a turn needs (every prefill bucket, the decode step for these sampling settings)
+        now, so the first turn does not pay for it; returns the seconds spent. A no-op on the CPU."""
+        t0 = time.perf_counter()
+        self.engine.warmup_prefill()
+        self.engine.warmup(params, self.speech_mode)
+        return time.perf_counter() - t0
+
     def stream(
         self,
         prompt_ids: list[int],

@@ -68,6 +68,7 @@ class ReferencePipeline:
             from agent.engine_generator import EngineGenerator
 
             self.generator = EngineGenerator.from_bundle(self.paths, dtype=dtype, device=device, speech_mode=speech_mode)
+            self.generator.warmup()  # CUDA graphs are captured at load, not during the first answer
         else:
             from agent.reference import ReferenceGenerator
 

@@ -246,6 +246,7 @@ def test_engine_generator_on_cuda_answers_like_the_cpu_engine(request):
     greedy = SamplingParams(greedy=True, min_new_tokens=0)
     gens = [EngineGenerator.from_bundle(paths, torch.float32, device, gemv="torch") for device in ("cuda", "cpu")]
     assert gens[0].engine.use_graphs and gens[0].engine.prefill_bucketed
+    assert gens[0].warmup() > 0 and gens[0].engine._prefill_graphs and gens[0].engine._graphs
     for task, kw in ((Task.SPEECH, {"units": list(range(40, 90))}), (Task.TTS, {"text": "Read this."}), (Task.TEXT, {"text": "Hi."})):
         prompt = prompt_for(task, **kw)
         a, b = (g.generate(prompt, task=task, params=greedy, max_new_tokens=120) for g in gens)
