@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.gemv import GemvConfig, dot_rows
+from kernels.gemv import GemvConfig, default_config, dot_rows
 from kernels.rmsnorm import rmsnorm_reference
 from kernels.silu_mul import silu_mul_reference
 
@@ -94,7 +94,7 @@ def norm_gate_up_silu_triton(
         out = torch.empty((1, inter), dtype=hidden.dtype, device=hidden.device)
     if out.numel() != inter or not out.is_contiguous():
         raise ValueError(f"norm_gate_up_silu: out must be a contiguous [1, {inter}] tensor, got {tuple(out.shape)}")
-    cfg = config or GemvConfig(8, next((b for b in (512, 256, 128) if k % b == 0), 512), 4)
+    cfg = config or default_config(w_gate_up.shape[0], k)
     if not gate_up_configs((cfg,)):
         raise ValueError(f"norm_gate_up_silu: block_n must be even (gate/up row pairs), got {cfg.block_n}")
     p = cfg.block_n // 2

@@ -18,14 +18,16 @@ activation dtype as HF does. The norm itself is applied in fp32 (one rounding fe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.gemv import GemvConfig, dot_rows
+from kernels.gemv import GemvConfig, default_config, dot_rows
 from kernels.rmsnorm import rmsnorm_reference
-from kernels.rope import rope_kv_write_reference
+from kernels.rope import check_cache_write_args, rope_kv_write_reference
 
 __all__ = ["norm_qkv_rope", "norm_qkv_rope_reference", "norm_qkv_rope_triton", "qkv_configs"]
 
@@ -122,12 +124,12 @@ def qkv_configs(configs: tuple[GemvConfig, ...], head_dim: int) -> tuple[GemvCon
     return tuple(c for c in configs if c.block_n >= 2 and c.block_n % 2 == 0 and half % (c.block_n // 2) == 0)
 
 
-def _default_config(head_dim: int, k: int) -> GemvConfig:
-    block_k = next((b for b in (512, 256, 128) if k % b == 0), 512)
+def _default_config(n: int, k: int, head_dim: int) -> GemvConfig:
+    """The plain GEMV's default tile, with at most 4 row pairs per program and a pair count that tiles half a head."""
     pairs = 4
     while (head_dim // 2) % pairs:
         pairs //= 2
-    return GemvConfig(2 * pairs, block_k, 4)
+    return replace(default_config(n, k), block_n=2 * pairs)
 
 
 def norm_qkv_rope_triton(
@@ -153,26 +155,20 @@ def norm_qkv_rope_triton(
         raise ValueError(f"norm_qkv_rope: wqkv must be [rows, {k}] with a contiguous last dim, got {tuple(wqkv.shape)}")
     if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
         raise ValueError(f"norm_qkv_rope: norm weight must be [{k}], got {tuple(norm_weight.shape)}")
-    if k_cache.dim() != 3 or k_cache.shape != v_cache.shape or k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
-        raise ValueError(
-            f"norm_qkv_rope: caches must both be [Hkv, S_max, D] with a contiguous last dim, "
-            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
+    if k_cache.dim() != 3:
+        raise ValueError(f"norm_qkv_rope: k_cache must be [Hkv, S_max, D], got {tuple(k_cache.shape)}")
     hkv, s_max, d = k_cache.shape
+    check_cache_write_args("norm_qkv_rope", cos, sin, pos, k_cache, v_cache, hkv, d)
     if d % 2 or wqkv.shape[0] % d:
         raise ValueError(f"norm_qkv_rope: {wqkv.shape[0]} weight rows are not whole heads of an even dim {d}")
     h = wqkv.shape[0] // d - 2 * hkv
     if h < 1:
         raise ValueError(f"norm_qkv_rope: {wqkv.shape[0]} rows leave no q heads beside {hkv} k and v heads of dim {d}")
-    if cos.dim() != 2 or cos.shape[1] != d // 2 or sin.shape != cos.shape or cos.stride() != sin.stride() or cos.stride(1) != 1:
-        raise ValueError(f"norm_qkv_rope: cos/sin must be [max_pos, {d // 2}] with equal strides, got {tuple(cos.shape)}")
-    if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"norm_qkv_rope: pos must be one int32/int64 element, got {pos.dtype} {tuple(pos.shape)}")
     if q_out is None:
         q_out = torch.empty((h, d), dtype=hidden.dtype, device=hidden.device)
     if q_out.shape != (h, d) or q_out.stride(1) != 1:
         raise ValueError(f"norm_qkv_rope: q_out must be [{h}, {d}] with a contiguous last dim, got {tuple(q_out.shape)}")
-    cfg = config or _default_config(d, k)
+    cfg = config or _default_config(wqkv.shape[0], k, d)
     if not qkv_configs((cfg,), d):
         raise ValueError(f"norm_qkv_rope: block_n={cfg.block_n} must be even with block_n/2 dividing {d // 2}")
     pairs = cfg.block_n // 2

@@ -19,6 +19,7 @@ import triton.language as tl
 
 __all__ = [
     "apply_rope_reference",
+    "check_cache_write_args",
     "rope_kv_write",
     "rope_kv_write_reference",
     "rope_kv_write_triton",
@@ -153,6 +154,34 @@ def _check_heads(t: torch.Tensor, name: str, d: int) -> None:
         raise ValueError(f"rope_kv_write: {name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
+def check_cache_write_args(
+    who: str,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    hkv: int,
+    d: int,
+) -> None:
+    """The checks every kernel that rotates and writes one position into the static KV cache needs (this module's
+    and kernels.norm_qkv_rope): caches [hkv, S_max, d] alike, cos/sin tables [max_pos, d/2], a one-element pos."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 3 or cache.shape[0] != hkv or cache.shape[2] != d or cache.stride(2) != 1:
+            raise ValueError(
+                f"{who}: {name} must be [{hkv}, S_max, {d}] with a contiguous last dim, "
+                f"got {tuple(cache.shape)} strides {cache.stride()}"
+            )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{who}: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    if cos.dim() != 2 or cos.shape[1] != d // 2 or sin.shape != cos.shape or cos.stride(1) != 1:
+        raise ValueError(f"{who}: cos/sin must be [max_pos, {d // 2}], got {tuple(cos.shape)}")
+    if cos.stride() != sin.stride():
+        raise ValueError(f"{who}: cos and sin must have the same strides")
+    if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{who}: pos must be an int32/int64 tensor of one element, got {pos.dtype} {tuple(pos.shape)}")
+
+
 def rope_kv_write_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,22 +206,7 @@ def rope_kv_write_triton(
     hkv = k.shape[0]
     if v.shape[0] != hkv:
         raise ValueError(f"rope_kv_write: v must have {hkv} heads like k, got {v.shape[0]}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dim() != 3 or cache.shape[0] != hkv or cache.shape[2] != d or cache.stride(2) != 1:
-            raise ValueError(
-                f"rope_kv_write: {name} must be [{hkv}, S_max, {d}] with a contiguous last dim, "
-                f"got {tuple(cache.shape)} strides {cache.stride()}"
-            )
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"rope_kv_write: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
-    if cos.dim() != 2 or cos.shape[1] != d // 2 or sin.shape != cos.shape or cos.stride(1) != 1:
-        raise ValueError(f"rope_kv_write: cos/sin must be [max_pos, {d // 2}], got {tuple(cos.shape)}")
-    if cos.stride() != sin.stride():
-        raise ValueError("rope_kv_write: cos and sin must have the same strides")
-    if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"rope_kv_write: pos must be an int32/int64 tensor of one element, got {pos.dtype} {tuple(pos.shape)}"
-        )
+    check_cache_write_args("rope_kv_write", cos, sin, pos, k_cache, v_cache, hkv, d)
     if q_out is None:
         q_out = torch.empty_like(q)
     if q_out.shape != q.shape or q_out.stride(1) != 1:
