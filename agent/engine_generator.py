@@ -17,9 +17,8 @@ from collections.abc import Iterator
 import torch
 
 from agent.bundle import BundlePaths
-from agent.generation import SPEECHGPT_MAX_NEW_TOKENS, TokenGenerator, check_vocab_size
+from agent.generation import SPEECHGPT_MAX_NEW_TOKENS, TokenGenerator, open_llm
 from agent.tokenizer import SpeechGPTTokenizer
-from kernels.checkpoint import LlamaCheckpoint
 from kernels.engine import DecodeEngine
 from kernels.model import LlamaWeights
 from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams
@@ -45,9 +44,7 @@ class EngineGenerator(TokenGenerator):
     ) -> "EngineGenerator":
         """Load the LLM (release layout with the LoRA merged, or a converted bundle) onto the engine. On CUDA the
         GEMV and fused-kernel tile choices are measured at load (`gemv="auto"`) unless engine_kw says otherwise."""
-        tokenizer = SpeechGPTTokenizer.from_dir(paths.tokenizer_dir)
-        ckpt = LlamaCheckpoint(paths.llm_dir, paths.lora_dir)
-        check_vocab_size(ckpt, tokenizer, paths)
+        tokenizer, ckpt = open_llm(paths)
         vocab = tokenizer.vocab
         engine_kw.setdefault("gemv", "auto" if str(device).startswith("cuda") else "torch")
         engine = DecodeEngine(
@@ -76,11 +73,7 @@ class EngineGenerator(TokenGenerator):
     ) -> Iterator[int]:
         """Yield sampled token ids until EOS or the budget. Closing the iterator early (barge-in, or a caller that
         has what it needs) cancels the decode and frees the engine for the next call."""
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        budget = self.max_new_tokens_for(len(prompt_ids), max_new_tokens)
-        if budget == 0:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_positions}-position context")
+        budget = self._budget(prompt_ids, max_new_tokens)
         t0 = time.perf_counter()
         self.engine.prefill(prompt_ids, start_pos=0)
         decode = self.engine.decode(params, seed=seed, max_new_tokens=budget, speech_mode=self.speech_mode)

@@ -14,18 +14,23 @@ from dataclasses import dataclass, field
 from agent.parser import AnswerDone, Event, ParsedResponse, ResponseParser
 from agent.prompts import Task
 from agent.tokenizer import SpeechGPTTokenizer
+from kernels.checkpoint import LlamaCheckpoint
 from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams
 
 SPEECHGPT_MAX_NEW_TOKENS = 2048
 
 
-def check_vocab_size(ckpt, tokenizer: SpeechGPTTokenizer, paths) -> None:
-    """The LLM's embedding rows must be the tokenizer's ids (32000 pieces + 1000 units + 6 specials)."""
+def open_llm(paths) -> tuple[SpeechGPTTokenizer, LlamaCheckpoint]:
+    """The tokenizer and the LLM checkpoint (LoRA attached) of a bundle, checked against each other: the LLM's
+    embedding rows must be the tokenizer's ids (32000 pieces + 1000 units + 6 specials)."""
+    tokenizer = SpeechGPTTokenizer.from_dir(paths.tokenizer_dir)
+    ckpt = LlamaCheckpoint(paths.llm_dir, paths.lora_dir)
     if ckpt.arch.vocab_size != tokenizer.vocab.vocab_size:
         raise ValueError(
             f"{paths.llm_dir / 'config.json'}: vocab_size {ckpt.arch.vocab_size} does not match the tokenizer's "
             f"{tokenizer.vocab.vocab_size} tokens"
         )
+    return tokenizer, ckpt
 
 
 @dataclass
@@ -51,6 +56,15 @@ class TokenGenerator:
     def max_new_tokens_for(self, prompt_len: int, requested: int = SPEECHGPT_MAX_NEW_TOKENS) -> int:
         """SpeechGPT asks for 2048 new tokens; we also stop at the 2048-position context it was trained on."""
         return max(0, min(requested, self.max_positions - prompt_len))
+
+    def _budget(self, prompt_ids: list[int], requested: int) -> int:
+        """The new-token budget of a stream(), refusing prompts that leave none."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        budget = self.max_new_tokens_for(len(prompt_ids), requested)
+        if budget == 0:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_positions}-position context")
+        return budget
 
     def stream(
         self,

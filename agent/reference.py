@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import torch
 
 from agent.bundle import BundlePaths
-from agent.generation import SPEECHGPT_MAX_NEW_TOKENS, GenerationResult, TokenGenerator, check_vocab_size
+from agent.generation import SPEECHGPT_MAX_NEW_TOKENS, GenerationResult, TokenGenerator, open_llm
 from agent.tokenizer import SpeechGPTTokenizer
-from kernels.checkpoint import LlamaArch, LlamaCheckpoint
+from kernels.checkpoint import LlamaArch
 from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams, sample_reference
 
 __all__ = ["SPEECHGPT_MAX_NEW_TOKENS", "SPEECHGPT_SAMPLING", "GenerationResult", "ReferenceGenerator", "build_hf_llama"]
@@ -48,9 +48,7 @@ class ReferenceGenerator(TokenGenerator):
 
     @classmethod
     def from_bundle(cls, paths: BundlePaths, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "ReferenceGenerator":
-        tokenizer = SpeechGPTTokenizer.from_dir(paths.tokenizer_dir)
-        ckpt = LlamaCheckpoint(paths.llm_dir, paths.lora_dir)
-        check_vocab_size(ckpt, tokenizer, paths)
+        tokenizer, ckpt = open_llm(paths)
         model = build_hf_llama(ckpt.arch, ckpt.state_dict(torch.float32), dtype, device)
         return cls(tokenizer, model, device)
 
@@ -66,11 +64,7 @@ class ReferenceGenerator(TokenGenerator):
         """Yield sampled token ids one at a time until EOS or the token budget."""
         from transformers import DynamicCache
 
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        budget = self.max_new_tokens_for(len(prompt_ids), max_new_tokens)
-        if budget == 0:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_positions}-position context")
+        budget = self._budget(prompt_ids, max_new_tokens)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         cache = DynamicCache()
         ids = torch.tensor([prompt_ids], device=self.device)

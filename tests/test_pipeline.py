@@ -131,6 +131,14 @@ def _reference_pipeline(bundle) -> ReferencePipeline:
     return _REFERENCE[bundle]
 
 
+def test_both_generators_refuse_prompts_without_room(pipeline, tiny_bundle):
+    for gen in (pipeline.generator, _reference_pipeline(tiny_bundle).generator):
+        with pytest.raises(ValueError, match="empty prompt"):
+            next(gen.stream([]))
+        with pytest.raises(ValueError, match="prompt of 2048 tokens leaves no room in the 2048-position context"):
+            next(gen.stream([1] * 2048))
+
+
 def test_engine_stream_closed_early_frees_the_engine(pipeline, question):
     gen = pipeline.generator
     prompt = gen.tokenizer.encode("[Human]: hi <eoh> [SpeechGPT]: ")
