@@ -43,7 +43,7 @@ class RespondResult:
 GENERATORS = ("engine", "reference")
 
 
-class ReferencePipeline:
+class RespondPipeline:
     """Loads the whole system from a model directory (release layout, tiny bundle or converted bundle).
     generator: "engine" (kernels.engine via agent.engine_generator) or "reference" (transformers);
     speech_mode: the engine's restricted head inside unit spans (ignored by the reference)."""
@@ -162,7 +162,7 @@ def run(args) -> int:
 
     task = Task(args.mode)
     dtype = torch.float32 if args.device == "cpu" else torch.float16
-    pipeline = ReferencePipeline(args.model_dir, args.device, dtype, args.generator, args.speech_head)
+    pipeline = RespondPipeline(args.model_dir, args.device, dtype, args.generator, args.speech_head)
     if pipeline.paths.is_tiny:
         print(f"NOTE: {TINY_NOTICE}\n", file=sys.stderr)
     if task in AUDIO_TASKS:

@@ -16,7 +16,7 @@ from agent.bundle import BundleError, resolve_bundle
 from agent.cli import main as cli_main
 from agent.convert import convert
 from agent.prompts import Task
-from agent.respond import ReferencePipeline
+from agent.respond import RespondPipeline
 from agent.tiny import TinyTrainConfig, train_tiny_llm, write_tokenizer_files
 from agent.tokenizer import SpeechGPTTokenizer
 
@@ -25,8 +25,8 @@ QUESTION = ROOT / "streaming/assets/question.wav"
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_bundle) -> ReferencePipeline:
-    return ReferencePipeline(tiny_bundle)
+def pipeline(tiny_bundle) -> RespondPipeline:
+    return RespondPipeline(tiny_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,9 @@ def test_engine_pipeline_equals_reference_pipeline(pipeline, tiny_bundle, questi
 _REFERENCE: dict = {}
 
 
-def _reference_pipeline(bundle) -> ReferencePipeline:
+def _reference_pipeline(bundle) -> RespondPipeline:
     if bundle not in _REFERENCE:
-        _REFERENCE[bundle] = ReferencePipeline(bundle, generator="reference")
+        _REFERENCE[bundle] = RespondPipeline(bundle, generator="reference")
     return _REFERENCE[bundle]
 
 
@@ -148,7 +148,7 @@ def test_engine_stream_closed_early_frees_the_engine(pipeline, question):
     again = list(gen.stream(prompt, seed=0, max_new_tokens=3))
     assert again == got
     with pytest.raises(ValueError, match="generator must be"):
-        ReferencePipeline(pipeline.paths.root, generator="vllm")
+        RespondPipeline(pipeline.paths.root, generator="vllm")
 
 
 def test_respond_resamples_and_downmixes(pipeline, question, tmp_path):
@@ -188,7 +188,7 @@ def test_convert_gives_identical_results(tiny_bundle, pipeline, question, tmp_pa
     out = tmp_path / "converted"
     meta = convert(Path(tiny_bundle), out, dtype=torch.float32, progress=False, log=lambda *_: None)
     assert meta["llm"]["lora_merged"] and (out / "bundle.json").is_file()
-    conv = ReferencePipeline(out)
+    conv = RespondPipeline(out)
     assert conv.paths.kind == "converted" and conv.paths.is_tiny
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # no pickle anywhere
     for task in (Task.SPEECH, Task.TTS):
@@ -210,7 +210,7 @@ def test_default_fp16_conversion_loads(tiny_bundle, tmp_path):
     convert(Path(tiny_bundle), out, progress=False, onnx=False, log=lambda *_: None)
     with safe_open(str(out / "llm/model.safetensors"), framework="pt") as f:
         assert f.get_slice("lm_head.weight").get_dtype() == "F16"
-    assert ReferencePipeline(out).respond(Task.TEXT, text="Hi.", seed=0).response.end_reason in ("eos", "eoa")
+    assert RespondPipeline(out).respond(Task.TEXT, text="Hi.", seed=0).response.end_reason in ("eos", "eoa")
 
 
 def test_bundle_errors_name_what_is_missing(tmp_path):
