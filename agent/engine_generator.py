@@ -57,7 +57,8 @@ class EngineGenerator(TokenGenerator):
 
     def warmup(self, params: SamplingParams = SPEECHGPT_SAMPLING) -> float:
         """Capture the CUDA graphs a turn needs (every prefill bucket, the decode step for these sampling settings)
-        now, so the first turn does not pay for it; returns the seconds spent. A no-op on the CPU."""
+        now, so the first turn does not pay for it, after racing the engine's decode step variants (DecodeEngine.
+        tune_step; the choice is in engine.tune_report); returns the seconds spent. A no-op on the CPU."""
         t0 = time.perf_counter()
         self.engine.warmup_prefill()
         self.engine.warmup(params, self.speech_mode)

@@ -74,6 +74,12 @@ class RespondPipeline:
 
             self.generator = ReferenceGenerator.from_bundle(self.paths, dtype=dtype, device=device)
         self.generator_name = generator
+        self.generator_label = generator  # what the report prints: for the engine, also how its decode step runs
+        if generator == "engine":
+            eng = self.generator.engine
+            how = "CUDA graphs" if eng.use_graphs else "eager"
+            raced = ", fastest in the race at load" if eng.tune_report and "skipped" not in eng.tune_report else ""
+            self.generator_label = f"engine (decode step {eng.step_variant.name}, {how}{raced})"
         self.tokenizer = self.generator.tokenizer
         self.units = UnitExtractor.from_files(self.paths.hubert, self.paths.kmeans, device)
         self.vocoder = load_vocoder(self.paths.vocoder, device)
@@ -174,7 +180,7 @@ def run(args) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         sf.write(args.output, result.reply_wav, 16000, subtype="PCM_16")
         out_wav = args.output
-    print(format_report(result, pipeline.load_s, out_wav, pipeline.generator_name))
+    print(format_report(result, pipeline.load_s, out_wav, pipeline.generator_label))
     if args.json:
         r = result.response
         args.json.write_text(json.dumps({

@@ -6,9 +6,11 @@ length) by:
   (a) hf       transformers LlamaForCausalLM eager `generate` (what the original code uses), sharing the weights;
   (b) compile  a gpt-fast-style static-cache forward written here in plain torch, compiled with
                torch.compile(mode="reduce-overhead") (CUDA graphs through Inductor);
-  (c) engine   our DecodeEngine (Triton kernels, one CUDA graph per step, pipelined host loop), with its fused
-               layer kernels, as `engine_unfused` with one kernel per op (what the fusion replaces), and as
-               `engine_pdl` with programmatic dependent launch between its kernels (Hopper+, measured last).
+  (c) engine   our DecodeEngine (Triton kernels, one CUDA graph per step, pipelined host loop) as a user gets it:
+               its warm-up races the step variants (kernels.engine.StepVariant: fused or unfused layers, one- or
+               two-launch attention, programmatic dependent launch on Hopper) and keeps the fastest that passes
+               its check; the race is printed. With `variants`, each variant is then also measured on its own as
+               `engine[<variant>]` (e.g. `engine[unfused]`, one kernel per op: what the fusion replaces).
 ms/token is the median over steps (p90 too); achieved GB/s counts the weight bytes and the KV-cache bytes each
 step reads; % of spec is against the card's datasheet memory bandwidth. Prefill time is measured for 128/512/1024
 tokens, by the engine's default path (`prefill_ms`: CUDA-graph replays per token bucket on CUDA) and, side by side,
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.checkpoint import SPEECHGPT_7B, LlamaArch
-from kernels.engine import SPEECHGPT_SAMPLING, DecodeEngine
+from kernels.engine import SPEECHGPT_SAMPLING, STEP_VARIANTS, DecodeEngine, StepVariant, step_variant
 from kernels.model import LlamaWeights
 from kernels.rope import apply_rope_reference, rope_tables
 
@@ -288,7 +290,11 @@ def benchmark(
     gemv: str = "auto",
     json_path: Path | None = None,
     log=print,
+    variants: list[str] | None = None,
 ) -> dict:
+    unknown = [m for m in methods if m not in ("engine", "variants", "compile", "hf") and m not in STEP_VARIANTS]
+    if unknown:
+        raise ValueError(f"bench-decode: unknown methods {unknown}; known: engine, variants, compile, hf, {', '.join(STEP_VARIANTS)}")
     dev = torch.device(device)
     arch = CONFIGS[config]
     dt = DTYPES[dtype]
@@ -321,6 +327,16 @@ def benchmark(
     except Exception:  # pragma: no cover - triton is optional on the CPU
         pass
 
+    plan = []
+    for requested in contexts:
+        if not 0 < requested <= max_seq:
+            raise ValueError(f"context {requested} is outside the {max_seq}-position window")
+        # A context at the end of the window starts early enough that its decode steps still fit.
+        ctx = min(requested, max_seq - steps - 1)
+        if ctx != requested:
+            log(f"  context {requested}: prompt of {ctx} tokens + {steps} steps ends at {ctx + steps + 1}")
+        plan.append((requested, ctx))
+
     t0 = time.perf_counter()
     engine = DecodeEngine(weights, max_seq=max_seq, gemv=gemv)
     out["gemv"] = {"mode": gemv, "per_shape": engine.gemv_report}
@@ -332,12 +348,21 @@ def benchmark(
         gbps = f"{row['gbps']:.0f} GB/s" if row.get("gbps") else "no config passed"
         log(f"[bench-decode] fused {kind:>7} {row['n']}x{row['k']}: {row['us']:.1f} us ({gbps}) with {row['best_config']}")
     log(f"[bench-decode] engine ready in {time.perf_counter() - t0:.1f}s")
+    candidates = engine.step_candidates() if variants is None else [step_variant(n) for n in variants]
     if engine.use_graphs:
         t0 = time.perf_counter()
         engine.truncate(0)
-        engine.prefill([1])
+        engine.prefill(torch.randint(3, 32000, (plan[0][1],)))  # race the variants at the first context
+        engine.tune_step(SPEECHGPT_SAMPLING, candidates=candidates)
         engine.warmup(SPEECHGPT_SAMPLING)
-        log(f"[bench-decode] engine graph captured in {time.perf_counter() - t0:.1f}s")
+        out["tune"] = engine.tune_report
+        log(f"[bench-decode] step variants raced at position {engine.tune_report['position']} and graph captured in "
+            f"{time.perf_counter() - t0:.1f}s; chosen: {engine.tune_report['chosen']}")
+        for name, row in engine.tune_report["variants"].items():
+            verdict = f"{row['us_per_step']:8.1f} us/step" if row["admitted"] else f"rejected: {row.get('why')}"
+            log(f"    [race] {name:>15}  {verdict}" + (f"  ({row['check']})" if row.get("check") and row["admitted"] else ""))
+    chosen = engine.step_variant
+    out["step_variant"] = chosen.name
 
     def record(method: str, context: int, step_ms: list[float], **extra) -> None:
         row = {"method": method, "context": context, **_stats(step_ms), **extra}
@@ -345,7 +370,7 @@ def benchmark(
         row["GBps"] = nbytes / (row["ms_median"] / 1000.0) / 1e9
         row["pct_spec"] = 100.0 * nbytes / (row["ms_median"] / 1000.0) / bw if bw else None
         out["results"].append(row)
-        log(f"  {method:>14} ctx {context:5d}: {row['ms_median']:8.3f} ms/token (p90 {row['ms_p90']:.3f}), "
+        log(f"  {method:>24} ctx {context:5d}: {row['ms_median']:8.3f} ms/token (p90 {row['ms_p90']:.3f}), "
             f"{row['tok_s']:7.1f} tok/s, {row['GBps']:7.1f} GB/s" + (f", {row['pct_spec']:.1f}% of spec" if bw else ""))
 
     def ratios() -> None:
@@ -354,7 +379,7 @@ def benchmark(
             by = {r["method"]: r["ms_median"] for r in out["results"] if r["requested_context"] == ctx}
             if "engine" in by:
                 out["ratios"][str(ctx)] = {
-                    f"{m}_over_engine": by[m] / by["engine"] for m in ("hf_eager", "compile", "engine_unfused", "engine_pdl") if m in by
+                    f"{m}_over_engine": t / by["engine"] for m, t in by.items() if m not in ("engine", "engine_replay")
                 }
 
     def save() -> None:  # after every result, so a run cut short by a time limit still leaves its numbers
@@ -374,29 +399,25 @@ def benchmark(
         finally:
             save()
 
-    plan = []
-    for requested in contexts:
-        if not 0 < requested <= max_seq:
-            raise ValueError(f"context {requested} is outside the {max_seq}-position window")
-        # A context at the end of the window starts early enough that its decode steps still fit.
-        ctx = min(requested, max_seq - steps - 1)
-        if ctx != requested:
-            log(f"  context {requested}: prompt of {ctx} tokens + {steps} steps ends at {ctx + steps + 1}")
-        plan.append((requested, ctx))
-
     def engine_at(requested: int, ctx: int) -> None:
         loop_ms, replay_ms = run_engine(engine, ctx, steps)
         record("engine", ctx, loop_ms, requested_context=requested)
         if replay_ms:
             record("engine_replay", ctx, replay_ms, requested_context=requested)
 
-    def unfused_at(requested: int, ctx: int) -> None:
-        # The same engine with one kernel per op (what the fused layer kernels replace), for the ratio.
-        engine.fused = False
+    def variant_at(v, requested: int, ctx: int) -> None:
+        # The same engine forced to one step variant, for the side-by-side ratios.
+        engine.step_variant = v
         try:
-            record("engine_unfused", ctx, run_engine(engine, ctx, steps)[0], requested_context=requested)
+            record(f"engine[{v.name}]", ctx, run_engine(engine, ctx, steps)[0], requested_context=requested)
         finally:
-            engine.fused = True
+            engine.step_variant = chosen
+
+    # Measured on their own: with `variants` every candidate that passed the race's check (but the chosen one, which
+    # is "engine"), and every variant named in methods.
+    tuned = (out.get("tune") or {}).get("variants", {})
+    forced = [v for v in candidates if "variants" in methods and v != chosen and tuned.get(v.name, {}).get("admitted", True)]
+    forced += [step_variant(m) for m in methods if m in STEP_VARIANTS and step_variant(m) not in forced]
 
     hf = []
 
@@ -429,27 +450,28 @@ def benchmark(
     for requested, ctx in plan:
         if "engine" in methods:
             attempt(f"engine@{requested}", lambda: engine_at(requested, ctx))
-        if "unfused" in methods:
-            attempt(f"unfused@{requested}", lambda: unfused_at(requested, ctx))
+        for v in forced:
+            attempt(f"{v.name}@{requested}", lambda: variant_at(v, requested, ctx))
         if "hf" in methods:
             attempt(f"hf@{requested}", lambda: hf_at(requested, ctx))
     attempt("prefill", prefill_times)
     if engine.use_graphs:
 
-        def prof(fused: bool) -> None:
-            engine.fused = fused
+        def prof(v) -> None:
+            engine.step_variant = v
             try:
-                p = out["profile" if fused else "profile_unfused"] = profile_step(engine, plan[0][1])
+                p = out["profile"][v.name] = profile_step(engine, plan[0][1])
             finally:
-                engine.fused = True
-            log(f"[bench-decode] profile ({'fused' if fused else 'unfused'}) at ctx {p['context']}: step {p['step_us']:.0f} us "
+                engine.step_variant = chosen
+            log(f"[bench-decode] profile ({v.name}) at ctx {p['context']}: step {p['step_us']:.0f} us "
                 f"= kernels {p['kernel_us']:.0f} us ({p['kernels_per_step']:.0f} launches) + idle {p['idle_us']:.0f} us")
             for r in p["top"][:8]:
                 log(f"    {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.0f}  {r['kernel']}")
 
-        attempt("profile", lambda: prof(True))
-        if "unfused" in methods:
-            attempt("profile_unfused", lambda: prof(False))
+        out["profile"] = {}
+        unfused = StepVariant(fused=False)
+        for v in [chosen] + ([unfused] if unfused in forced and unfused != chosen else []):
+            attempt(f"profile[{v.name}]", lambda: prof(v))
     hf.clear()
     if "compile" in methods:
         compiled = []
@@ -464,27 +486,16 @@ def benchmark(
         if attempt("compile_build", build):
             for requested, ctx in plan:
                 attempt(f"compile@{requested}", lambda: record("compile", ctx, compiled[0].run(ctx, steps), requested_context=requested))
-    # Last, because it is the least proven path: the fused engine with programmatic dependent launch (Hopper+).
-    if "pdl" in methods and engine.use_graphs and torch.cuda.get_device_capability(dev)[0] >= 9:
-
-        def pdl_at(requested: int, ctx: int) -> None:
-            engine.pdl = True
-            try:
-                record("engine_pdl", ctx, run_engine(engine, ctx, steps)[0], requested_context=requested)
-            finally:
-                engine.pdl = False
-
-        for requested, ctx in plan:
-            attempt(f"pdl@{requested}", lambda: pdl_at(requested, ctx))
     save()
     return out
 
 
 def format_table(res: dict) -> str:
-    lines = [f"bench-decode: {res['config']} {res['dtype']} on {res['device']}", f"{'method':>14} {'ctx':>5} {'ms/tok':>8} {'p90':>8} {'tok/s':>8} {'GB/s':>8} {'%spec':>6}"]
+    lines = [f"bench-decode: {res['config']} {res['dtype']} on {res['device']}" + (f", engine step variant {res['step_variant']}" if res.get("step_variant") else ""),
+             f"{'method':>24} {'ctx':>5} {'ms/tok':>8} {'p90':>8} {'tok/s':>8} {'GB/s':>8} {'%spec':>6}"]
     for r in res["results"]:
         pct = f"{r['pct_spec']:.1f}" if r.get("pct_spec") else "-"
-        lines.append(f"{r['method']:>14} {r['context']:>5} {r['ms_median']:8.3f} {r['ms_p90']:8.3f} {r['tok_s']:8.1f} {r['GBps']:8.1f} {pct:>6}")
+        lines.append(f"{r['method']:>24} {r['context']:>5} {r['ms_median']:8.3f} {r['ms_p90']:8.3f} {r['tok_s']:8.1f} {r['GBps']:8.1f} {pct:>6}")
     for ctx, rs in res["ratios"].items():
         lines.append(f"ctx {ctx}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in rs.items()))
     lines.append(f"prefill ms ({res.get('prefill_path', 'eager')}): " + ", ".join(f"{k}: {v:.2f}" for k, v in res["prefill_ms"].items()))
@@ -501,9 +512,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--context", type=int, nargs="+", default=[256, 1024, 2048],
                         help="prompt lengths to decode after (at the window's end the prompt is shortened by --steps)")
     parser.add_argument("--steps", type=int, default=128, help="decode steps timed per context")
-    parser.add_argument("--methods", default="engine,unfused,compile,hf,pdl",
-                        help="comma list of engine, unfused (the engine with one kernel per op), compile, hf, "
-                             "pdl (the engine with programmatic dependent launch; CUDA >= sm_90)")
+    parser.add_argument("--methods", default="engine,variants,compile,hf",
+                        help="comma list of engine (tuned, as users get it), variants (every step variant that passed "
+                             "the race, each on its own), compile, hf, or step variant names to measure (e.g. unfused)")
+    parser.add_argument("--step-variants", default=None,
+                        help=f"comma list of the step variants to race and measure (default: all this device runs): "
+                             f"{', '.join(STEP_VARIANTS)}")
     parser.add_argument("--gemv", default="auto", choices=["auto", "torch", "triton"],
                         help="engine GEMVs: auto = measure cuBLAS vs Triton per shape and keep the faster")
     parser.add_argument("--json", type=Path, required=True, help="write results here")
@@ -514,6 +528,8 @@ def run(args) -> int:
         print("bench-decode: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","), args.gemv, args.json)
+    variants = args.step_variants.split(",") if args.step_variants else None
+    res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","), args.gemv, args.json,
+                    variants=variants)
     print(format_table(res))
     return 0 if not res["errors"] else 1

@@ -11,6 +11,12 @@ num_splits, so the grid never depends on device values and a captured CUDA graph
 A split past seq_len writes the neutral element (m = -inf, l = 0, acc = 0). Stage 2 (one program per head) merges
 the splits: out = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M). Scores are kept in log2 units (scale folded
 with log2(e) into q) so the kernels use exp2.
+
+One-launch mode (`one_launch=True`) drops stage 2's launch: a split past seq_len exits at once, each other split
+writes its partial and then counts itself in on a per-head int32 arrival counter (an acq_rel atomic at GPU scope,
+after a CTA barrier so every thread's partial stores precede it); the split that arrives last merges the
+ceil(seq_len / chunk) live partials (read through L2, bypassing L1) and resets the counter to 0 for the next launch.
+Same arithmetic as the two-launch path over the same partials, so both give identical outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "attention_counters",
     "choose_num_splits",
     "decode_attention",
     "decode_attention_reference",
@@ -74,6 +81,11 @@ def choose_num_splits(
     return triton.cdiv(s_max, chunk)
 
 
+def attention_counters(num_heads: int, device: torch.device | str) -> torch.Tensor:
+    """The one-launch mode's per-head arrival counters: int32 [H], zero (the kernel returns them to zero)."""
+    return torch.zeros(num_heads, dtype=torch.int32, device=device)
+
+
 def split_chunk(s_max: int, num_splits: int) -> int:
     """Positions per split: a launch-time constant (never a device value)."""
     return triton.cdiv(s_max, num_splits)
@@ -87,17 +99,67 @@ def decode_attention_scratch(
 
 
 @triton.jit
+def _attend_positions(q, k_base, v_base, stride_ks, stride_vs, offs_d, dmask, start, end, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of q (log2 units) over cache positions [start, end): returns (acc [BLOCK_D], m [1], l [1])."""
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    # Dynamic bounds: an empty range (start >= end) runs no iteration and keeps the neutral element.
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        kv_mask = nmask[:, None] & dmask[None, :]
+        # Both tiles are requested before any math, so their memory latencies overlap.
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        scores = tl.where(nmask, scores, float("-inf"))
+        # Each tile has at least one valid position (n0 < end), so m_new is finite and nothing becomes NaN.
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _combine_splits(scratch_ptr, out_ptr, head, stride_oh, num_splits, n_used, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out[head] = the merge of the head's first n_used partials (rows of num_splits in the scratch)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < n_used
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    rows = scratch_ptr + (head * num_splits + offs_s).to(tl.int64) * (D + 2)
+    # .cg: read at L2, the coherence point (in one-launch mode other CTAs of this very launch wrote the rows).
+    m = tl.load(rows + D, mask=smask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(rows + D + 1, mask=smask, other=0.0, cache_modifier=".cg")
+    acc = tl.load(rows[:, None] + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
+    m_all = tl.max(m, axis=0)
+    # Empty splits (m = -inf) get weight 0 explicitly: exp2(-inf - -inf) would be NaN if every split were empty.
+    w = tl.where(m > float("-inf"), tl.exp2(m - m_all), 0.0)
+    denom = tl.sum(l * w, axis=0)
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    o = tl.sum(acc * w[:, None], axis=0) / denom
+    tl.store(out_ptr + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
 def _decode_attn_split_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
     seq_len_ptr,
     scratch_ptr,
+    counter_ptr,
+    out_ptr,
     stride_qh,
     stride_kh,
     stride_ks,
     stride_vh,
     stride_vs,
+    stride_oh,
     qk_scale,
     chunk,
     num_splits,
@@ -105,6 +167,8 @@ def _decode_attn_split_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
     if USE_GDC:  # programmatic dependent launch: q and this step's K/V row come from the previous kernel
@@ -123,32 +187,26 @@ def _decode_attn_split_kernel(
     q = tl.load(q_ptr + head * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32) * qk_scale
     k_base = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + kv_head.to(tl.int64) * stride_vh
-
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    # Dynamic bounds: an empty split (start >= seq_len) runs no iteration and keeps the neutral element.
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < end
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-        scores = tl.where(nmask, scores, float("-inf"))
-        # Each tile has at least one valid position (n0 < end), so m_new is finite and nothing becomes NaN.
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-
     row = scratch_ptr + (head * num_splits + split).to(tl.int64) * (D + 2)
-    tl.store(row + offs_d, acc, mask=dmask)
-    # m_i / l_i are [1] blocks (loop-carried); reduce them to scalars for the scalar stores.
-    tl.store(row + D, tl.max(m_i, axis=0))
-    tl.store(row + D + 1, tl.sum(l_i, axis=0))
+    if ONE_LAUNCH:
+        if start < seq_len:  # splits past the context neither write nor arrive
+            acc, m_i, l_i = _attend_positions(q, k_base, v_base, stride_ks, stride_vs, offs_d, dmask, start, end, BLOCK_D, BLOCK_N)
+            tl.store(row + offs_d, acc, mask=dmask)
+            tl.store(row + D, tl.max(m_i, axis=0))
+            tl.store(row + D + 1, tl.sum(l_i, axis=0))
+            # Every thread's partial stores before the (single-thread) release below, which publishes them.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + head, 1, sem="acq_rel", scope="gpu")
+            live = tl.cdiv(seq_len, chunk)
+            if arrived == live - 1:  # the last live split of this head: all partials are visible now
+                tl.store(counter_ptr + head, 0)
+                _combine_splits(scratch_ptr, out_ptr, head, stride_oh, num_splits, live, D, BLOCK_D, BLOCK_S)
+    else:
+        acc, m_i, l_i = _attend_positions(q, k_base, v_base, stride_ks, stride_vs, offs_d, dmask, start, end, BLOCK_D, BLOCK_N)
+        tl.store(row + offs_d, acc, mask=dmask)
+        # m_i / l_i are [1] blocks (loop-carried); reduce them to scalars for the scalar stores.
+        tl.store(row + D, tl.max(m_i, axis=0))
+        tl.store(row + D + 1, tl.sum(l_i, axis=0))
 
 
 @triton.jit
@@ -165,22 +223,7 @@ def _decode_attn_combine_kernel(
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    head = tl.program_id(0)
-    offs_s = tl.arange(0, BLOCK_S)
-    smask = offs_s < num_splits
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    rows = scratch_ptr + (head * num_splits + offs_s).to(tl.int64) * (D + 2)
-    m = tl.load(rows + D, mask=smask, other=float("-inf"))
-    l = tl.load(rows + D + 1, mask=smask, other=0.0)
-    m_all = tl.max(m, axis=0)
-    # Empty splits (m = -inf) get weight 0 explicitly: exp2(-inf - -inf) would be NaN if every split were empty.
-    w = tl.where(m > float("-inf"), tl.exp2(m - m_all), 0.0)
-    denom = tl.sum(l * w, axis=0)
-    denom = tl.where(denom > 0.0, denom, 1.0)
-    acc = tl.load(rows[:, None] + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / denom
-    tl.store(out_ptr + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=dmask)
+    _combine_splits(scratch_ptr, out_ptr, tl.program_id(0), stride_oh, num_splits, num_splits, D, BLOCK_D, BLOCK_S)
 
 
 def decode_attention_triton(
@@ -194,9 +237,13 @@ def decode_attention_triton(
     scale: float | None = None,
     block_n: int = _DEFAULT_BLOCK_N,
     pdl: bool = False,
+    one_launch: bool = False,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One-token attention over the cache; returns out [H, D] in q's dtype. Graph-safe: seq_len is read on the
-    device, the grid depends only on shapes and num_splits. pdl: programmatic dependent launch (Hopper+)."""
+    device, the grid depends only on shapes and num_splits. pdl: programmatic dependent launch (Hopper+).
+    one_launch: merge the splits in the split kernel (see the module doc); counters is then its int32 [H] arrival
+    counters, all zero between launches (the kernel leaves them so; default: a fresh zeroed tensor)."""
     if q.dim() != 2 or q.stride(1) != 1:
         raise ValueError(f"decode_attention: q must be [H, D] with a contiguous last dim, got {tuple(q.shape)}")
     h, d = q.shape
@@ -230,21 +277,29 @@ def decode_attention_triton(
         out = torch.empty_like(q)
     if out.shape != q.shape or out.stride(1) != 1:
         raise ValueError(f"decode_attention: out must be {tuple(q.shape)} with a contiguous last dim")
+    if one_launch:
+        counters = attention_counters(h, q.device) if counters is None else counters
+        if counters.shape != (h,) or counters.dtype != torch.int32 or not counters.is_contiguous():
+            raise ValueError(f"decode_attention: counters must be contiguous int32 ({h},), got {counters.dtype} {tuple(counters.shape)}")
 
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     chunk = split_chunk(s_max, num_splits)
     block_d = triton.next_power_of_2(d)
+    block_s = triton.next_power_of_2(num_splits)
     _decode_attn_split_kernel[(h, num_splits)](
         q,
         k_cache,
         v_cache,
         seq_len,
         scratch,
+        counters if one_launch else seq_len,  # unused without one_launch
+        out,
         q.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
         v_cache.stride(0),
         v_cache.stride(1),
+        out.stride(0),
         scale * _LOG2E,
         chunk,
         num_splits,
@@ -252,10 +307,14 @@ def decode_attention_triton(
         D=d,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
+        BLOCK_S=block_s,
+        ONE_LAUNCH=one_launch,
         USE_GDC=pdl,
         num_warps=4,
         launch_pdl=pdl,
     )
+    if one_launch:
+        return out
     _decode_attn_combine_kernel[(h,)](
         scratch,
         out,
@@ -263,7 +322,7 @@ def decode_attention_triton(
         num_splits,
         D=d,
         BLOCK_D=block_d,
-        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_S=block_s,
         USE_GDC=pdl,
         num_warps=4,
         launch_pdl=pdl,
@@ -280,10 +339,13 @@ def decode_attention(
     out: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
     pdl: bool = False,
+    one_launch: bool = False,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatcher: the Triton kernels on CUDA, the fp32 torch reference (cast to q's dtype) elsewhere."""
     if q.is_cuda:
-        return decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=num_splits, out=out, scratch=scratch, pdl=pdl)
+        return decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=num_splits, out=out, scratch=scratch,
+                                       pdl=pdl, one_launch=one_launch, counters=counters)
     y = decode_attention_reference(q, k_cache, v_cache, int(seq_len.reshape(-1)[0])).to(q.dtype)
     if out is not None:
         out.copy_(y)

@@ -7,7 +7,10 @@ step behind: while it looks at token i (stop conditions, parser, cancel), step i
 never waits for the host. A stop or cancel discards the one step computed ahead and rolls the position back.
 On the CPU the same step runs eagerly with the torch reference ops.
 
-Sampling settings are per call; a graph is captured per distinct (settings, head mode) and kept.
+Sampling settings are per call; a graph is captured per distinct (settings, head mode, step variant) and kept.
+How a step is launched (StepVariant: fused or unfused layers, one- or two-launch attention, programmatic dependent
+launch) changes only its speed; which is fastest depends on the card, so warmup() races the variants
+(tune_step) and keeps the fastest whose logits pass the check.
 
 Prefill on CUDA replays captured graphs too: the tokens are split into chunks that fit static token buckets
 (`prefill_buckets`, 16 .. 1024 by default), each chunk is padded to its bucket and run by that bucket's graph
@@ -86,6 +89,45 @@ class DecodeStats:
         return [1000.0 * (b - a) for a, b in zip(t, t[1:])]
 
 
+@dataclass(frozen=True)
+class StepVariant:
+    """How a decode step is launched. Every variant computes the same step: `fused` folds RMSNorm, RoPE, the KV write,
+    SiLU*mul and the residual adds into the GEMVs (6 launches per layer instead of 10), `one_launch_attention` merges
+    the attention splits in the split kernel (5), `pdl` overlaps each fused kernel's start with the previous one's
+    tail (programmatic dependent launch, Hopper+). Which is fastest depends on the card: `DecodeEngine.tune_step`
+    measures them."""
+
+    fused: bool = True
+    pdl: bool = False
+    one_launch_attention: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = ["fused" if self.fused else "unfused"] + ["pdl"] * self.pdl + ["1attn"] * self.one_launch_attention
+        return "+".join(parts)
+
+    @property
+    def twin(self) -> "StepVariant | None":
+        """The variant with the same arithmetic minus the launch tricks (pdl, one-launch attention): its logits
+        must be bit-identical to this one's. None for the plain variants."""
+        plain = StepVariant(fused=self.fused)
+        return None if plain == self else plain
+
+
+STEP_VARIANTS: dict[str, StepVariant] = {
+    v.name: v
+    for v in (StepVariant(), StepVariant(one_launch_attention=True), StepVariant(pdl=True),
+              StepVariant(pdl=True, one_launch_attention=True), StepVariant(fused=False))
+}  # in order of preference: a later variant is chosen only when it is measurably faster
+
+
+def step_variant(name: str) -> StepVariant:
+    try:
+        return STEP_VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown decode step variant {name!r}; known: {', '.join(STEP_VARIANTS)}") from None
+
+
 class DecodeEngine:
     def __init__(
         self,
@@ -97,24 +139,28 @@ class DecodeEngine:
         gemv: str = "torch",
         fused: bool = True,
         pdl: bool = False,
+        one_launch_attention: bool = False,
+        tune: bool = True,
         prefill_graphs: bool = True,
         prefill_buckets: Sequence[int] = PREFILL_BUCKETS,
     ):
         """fused: decode layers as six launches each (RMSNorm, RoPE + KV write, SiLU*mul and the residual
-        adds ride in the Triton GEMVs; see LlamaModel.decode_step), else one kernel per op. Switchable later
-        (`engine.fused = ...`, for side-by-side benchmarks); on the CPU both compute the same torch reference ops.
+        adds ride in the Triton GEMVs; see LlamaModel.decode_step), else one kernel per op. On the CPU both compute
+        the same torch reference ops.
         gemv: the unfused GEMVs and the LM head: "torch" (cuBLAS), "triton", or "auto" = measure both per weight
         shape on this device and keep the faster (kernels.gemv.bench_gemv); "auto" also races the fused kernels'
         tile configs (results cached per shape and device for the process). Otherwise fused kernels use their
         default configs.
-        pdl: launch the fused path's kernels with programmatic dependent launch (CUDA, compute capability >= 9);
-        off by default until the benchmark shows it pays (`bench-decode` measures it as `engine_pdl`).
+        pdl: launch the fused path's kernels with programmatic dependent launch (CUDA, compute capability >= 9).
+        one_launch_attention: decode attention as one launch per layer instead of two (same output).
+        fused / pdl / one_launch_attention are the starting `step_variant`. tune: on CUDA with graphs, warmup()
+        replaces it by the fastest variant measured on this card that passes the check (see tune_step).
         prefill_graphs: on CUDA with cuda_graphs, prefill by replaying one captured graph per token bucket
         (prefill_buckets; those longer than the cache are dropped); False = eager prefill."""
         self.model = LlamaModel(weights, max_seq, unit_rows_start)
-        self.model.fused = fused
         self.device = self.model.device
-        self.pdl = pdl
+        self.tune = tune
+        self.tune_report: dict | None = None  # what tune_step measured and chose
         self.max_seq = self.model.max_seq
         self.sosp_id, self.eosp_id = unit_span_ids
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
@@ -130,6 +176,7 @@ class DecodeEngine:
         self._graph_pool = None
         self._cpu_generator: torch.Generator | None = None
         self._lock = threading.Lock()  # one decode at a time
+        self.step_variant = StepVariant(fused=fused, pdl=pdl, one_launch_attention=one_launch_attention)
         self.pending_token: int | None = None  # last token decoded but not yet fed to the model
         self.gemv_report: dict[str, dict] = {}
         self.fused_report: dict[str, dict] = {}
@@ -222,24 +269,42 @@ class DecodeEngine:
             m.fused_choice[kind] = row["best_config"]  # None (no config passed the check) = the default
 
     @property
+    def step_variant(self) -> StepVariant:
+        """How decode steps are launched (see StepVariant); settable between decodes, each variant's graph is kept."""
+        m = self.model
+        return StepVariant(fused=m.fused, pdl=m.pdl, one_launch_attention=m.attn_one_launch)
+
+    @step_variant.setter
+    def step_variant(self, v: StepVariant) -> None:
+        self._check_idle("changing the step variant")
+        if v.pdl and not (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9):
+            raise ValueError(f"pdl needs a CUDA device of compute capability 9.0 or newer, not {self.device}")
+        if v.pdl and not v.fused:
+            raise ValueError("pdl applies to the fused decode layers only")
+        self.model.fused, self.model.pdl, self.model.attn_one_launch = v.fused, v.pdl, v.one_launch_attention
+
+    @property
     def fused(self) -> bool:
-        """Whether decode steps run the fused layer kernels (see __init__)."""
         return self.model.fused
 
     @fused.setter
     def fused(self, on: bool) -> None:
-        self.model.fused = bool(on)
+        self.step_variant = StepVariant(fused=bool(on), pdl=self.pdl and bool(on), one_launch_attention=self.model.attn_one_launch)
 
     @property
     def pdl(self) -> bool:
-        """Whether the fused kernels use programmatic dependent launch (see __init__)."""
         return self.model.pdl
 
     @pdl.setter
     def pdl(self, on: bool) -> None:
-        if on and not (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9):
-            raise ValueError(f"pdl needs a CUDA device of compute capability 9.0 or newer, not {self.device}")
-        self.model.pdl = bool(on)
+        self.step_variant = StepVariant(fused=self.fused, pdl=bool(on), one_launch_attention=self.model.attn_one_launch)
+
+    def step_candidates(self) -> list[StepVariant]:
+        """The variants this device can run, in order of preference."""
+        if self.device.type != "cuda":
+            return [StepVariant()]
+        hopper = torch.cuda.get_device_capability(self.device)[0] >= 9
+        return [v for v in STEP_VARIANTS.values() if hopper or not v.pdl]
 
     @classmethod
     def from_checkpoint(
@@ -414,12 +479,21 @@ class DecodeEngine:
         if speech_mode:
             self._update_span_flag()
 
+    def _device_state(self) -> tuple[torch.Tensor, ...]:
+        """What a decode step advances on the device."""
+        st = self.state
+        return (self.pos_dev, st.token_out, st.num_generated, st.offset, self.span_open)
+
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip(self._device_state(), saved):
+            t.copy_(s)
+
     def _graph(self, params: SamplingParams, speech_mode: bool) -> torch.cuda.CUDAGraph:
-        key = (params, speech_mode, self.model.fused, self.model.pdl)
+        key = (params, speech_mode, self.step_variant)
         if key in self._graphs:
             return self._graphs[key]
         # Warm-up and capture run (or record) the step, which advances device state: save and restore it.
-        saved = [t.clone() for t in (self.pos_dev, self.state.token_out, self.state.num_generated, self.state.offset, self.span_open)]
+        saved = [t.clone() for t in self._device_state()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -431,15 +505,131 @@ class DecodeEngine:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             self._step(params, speech_mode)
-        for t, s in zip((self.pos_dev, self.state.token_out, self.state.num_generated, self.state.offset, self.span_open), saved):
-            t.copy_(s)
+        self._restore(saved)
         self._graphs[key] = graph
         return graph
 
     def warmup(self, params: SamplingParams = SPEECHGPT_SAMPLING, speech_mode: bool = False) -> None:
-        """Capture the graph for these settings now rather than at the first decode."""
-        if self.use_graphs:
-            self._graph(params, speech_mode)
+        """Capture the graph for these settings now rather than at the first decode. With `tune` (the default) the
+        first warmup also picks the fastest step variant on this card (tune_step)."""
+        if not self.use_graphs:
+            return
+        if self.tune and self.tune_report is None:
+            self.tune_step(params, speech_mode)
+        self._graph(params, speech_mode)
+
+    def tune_step(
+        self,
+        params: SamplingParams = SPEECHGPT_SAMPLING,
+        speech_mode: bool = False,
+        candidates: Sequence[StepVariant] | None = None,
+        steps: int = 8,
+        rounds: int = 5,
+    ) -> dict:
+        """Race the decode step variants (default: step_candidates()) and keep the fastest one that passes the check.
+
+        Every candidate runs the same `steps` decode steps from the same device state, at the positions right after
+        the cache's valid tokens (their K/V land where the next decode overwrites them; the state is restored).
+        Check: a variant with a twin (pdl, one-launch attention) must give its twin's logits bit for bit at every
+        step, since it only launches the same arithmetic differently (a mismatch means a synchronisation bug); the
+        fused path's first-step logits must agree with the unfused path's (relative L2 <= 0.3: a sanity bound, the
+        two round differently). Speed: the median over `rounds` interleaved rounds of the mean step time (CUDA
+        events over graph replays; the host clock on the CPU). A candidate later in the preference order replaces
+        the choice so far only when at least 0.5% faster. Sets step_variant; returns (and keeps) the report."""
+        self._check_idle("tune_step")
+        start_variant = self.step_variant
+        cands = list(self.step_candidates() if candidates is None else candidates)
+        steps = min(steps, self.max_seq - self._pos)
+        report: dict = {"position": self._pos, "steps": steps, "variants": {}, "chosen": start_variant.name}
+        if steps < 1 or not cands:
+            report["skipped"] = "the cache is full" if steps < 1 else "no candidates"
+            self.tune_report = report
+            return report
+        cuda = self.device.type == "cuda"
+        saved = [t.clone() for t in self._device_state()]
+
+        def run(v: StepVariant, record_logits: bool) -> tuple[float, list[torch.Tensor]]:
+            """Run `steps` steps of variant v from the saved state; (seconds per step, logits per step)."""
+            self.step_variant = v
+            graph = self._graph(params, speech_mode) if self.use_graphs else None
+            self._restore(saved)
+            logits = []
+            if cuda:
+                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0.record()
+            else:
+                t_host = time.perf_counter()
+            for _ in range(steps):
+                if graph is not None:
+                    graph.replay()
+                else:
+                    self._step(params, speech_mode)
+                if record_logits:
+                    logits.append(self.model.logits.clone())
+            if cuda:
+                t1.record()
+                t1.synchronize()
+                return t0.elapsed_time(t1) / 1000.0 / steps, logits
+            return (time.perf_counter() - t_host) / steps, logits
+
+        chosen = start_variant
+        try:
+            outputs: dict[StepVariant, list[torch.Tensor]] = {}
+            for v in cands:
+                report["variants"][v.name] = {"admitted": False}
+                try:
+                    outputs[v] = run(v, record_logits=True)[1]
+                except Exception as e:  # a variant this stack cannot build or run is simply not a candidate
+                    report["variants"][v.name]["why"] = f"{type(e).__name__}: {e}"[:300]
+            admitted = [v for v in sorted(outputs, key=lambda v: v.twin is not None) if self._passes(v, outputs, report)]
+            admitted.sort(key=cands.index)
+            times: dict[StepVariant, list[float]] = {v: [] for v in admitted}
+            for r in range(rounds if admitted else 0):  # interleaved, in a rotated order: drift hits all alike
+                for v in admitted[r % len(admitted):] + admitted[: r % len(admitted)]:
+                    times[v].append(run(v, record_logits=False)[0])
+            best = None
+            for v in admitted:
+                row = report["variants"][v.name]
+                row["us_per_step"] = 1e6 * sorted(times[v])[len(times[v]) // 2]
+                if best is None or row["us_per_step"] < 0.995 * report["variants"][best.name]["us_per_step"]:
+                    best = v
+            chosen = best or start_variant
+        finally:
+            self._restore(saved)
+        self.step_variant = chosen
+        report["chosen"] = chosen.name
+        self.tune_report = report
+        return report
+
+    @staticmethod
+    def _passes(v: StepVariant, outputs: dict[StepVariant, list[torch.Tensor]], report: dict) -> bool:
+        """tune_step's check of variant v's logits (see there); called for plain variants before their twins."""
+        row = report["variants"][v.name]
+        if v.twin is not None:
+            ref = v.twin
+            if not report["variants"].get(ref.name, {}).get("admitted"):
+                row["why"] = f"its twin {ref.name} is not admitted"
+                return False
+            got, want = outputs[v], outputs[ref]
+            # (masked rows are -inf in both under the speech head: compare those as equal, not as NaN)
+            diff = max(float(torch.where(a == b, 0.0, a - b).abs().max()) for a, b in zip(got, want))
+            row["check"] = f"max |logit - {ref.name}'s| = {diff:.3g} over {len(got)} steps (must be 0)"
+            ok = all(torch.equal(a, b) for a, b in zip(got, want))
+        elif v.fused and StepVariant(fused=False) in outputs:
+            got, want = outputs[v][0], outputs[StepVariant(fused=False)][0]
+            finite = torch.isfinite(want)
+            if not torch.equal(finite, torch.isfinite(got)):
+                rel = float("inf")
+            else:
+                rel = float((got[finite] - want[finite]).norm() / want[finite].norm().clamp_min(1e-30))
+            row["check"] = f"first-step relative L2 vs unfused: {rel:.3g} (bound 0.3)"
+            ok = rel <= 0.3
+        else:
+            ok = True
+        if not ok:
+            row["why"] = "failed the check: " + row["check"]
+        row["admitted"] = ok
+        return ok
 
 
 class DecodeStream:

@@ -10,9 +10,10 @@ forward functions).
   memory and every output goes to preallocated buffers, so the whole step can be captured in one CUDA graph.
   Kernels are chosen by device: Triton on CUDA, the torch reference ops on the CPU (one code path). By default
   (`fused`) a layer is six launches: RMSNorm -> qkv GEMV -> RoPE -> KV write in one kernel
-  (kernels/norm_qkv_rope.py), split-K attention (two), o GEMV + residual add (kernels/gemv_residual.py),
-  RMSNorm -> gate/up GEMV -> SiLU*mul (kernels/norm_gate_up_silu.py), down GEMV + residual add. With
-  `fused = False` it is one kernel per op (ten launches), kept as the benchmark's side-by-side baseline.
+  (kernels/norm_qkv_rope.py), split-K attention (two launches, or one with `attn_one_launch`), o GEMV + residual
+  add (kernels/gemv_residual.py), RMSNorm -> gate/up GEMV -> SiLU*mul (kernels/norm_gate_up_silu.py), down GEMV +
+  residual add. With `fused = False` it is one kernel per op (ten launches). Which is fastest is measured per card
+  (kernels.engine.StepVariant, DecodeEngine.tune_step).
 
 Weights are fused where that saves launches without changing the math: q/k/v rows in one matrix, gate/up rows in
 one matrix (each output row is still the same dot product).
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from kernels.checkpoint import LlamaArch, LlamaCheckpoint
 from kernels.lm_head import text_rows_logits
-from kernels.decode_attention import choose_num_splits, decode_attention, decode_attention_scratch
+from kernels.decode_attention import attention_counters, choose_num_splits, decode_attention, decode_attention_scratch
 from kernels.gemv_residual import gemv_residual
 from kernels.norm_gate_up_silu import norm_gate_up_silu
 from kernels.norm_qkv_rope import norm_qkv_rope
@@ -182,6 +183,10 @@ class LlamaModel:
         # Launch the fused path's Triton kernels with programmatic dependent launch (Hopper+): each kernel's launch
         # overlaps the previous one's tail, and it waits on the device for the data it reads. Off until measured.
         self.pdl = False
+        # Decode attention in one launch (the last split of each head merges; see kernels.decode_attention) instead
+        # of a split launch and a combine launch. Same output; fewer launches.
+        self.attn_one_launch = False
+        self.attn_counters = attention_counters(arch.num_heads, self.device)
         self.hidden = torch.empty(1, arch.hidden_size, dtype=self.dtype, device=self.device)  # the residual stream
         self.q_buf = torch.empty(arch.num_heads, arch.head_dim, dtype=self.dtype, device=self.device)
         self.act_buf = torch.empty(1, arch.intermediate_size, dtype=self.dtype, device=self.device)
@@ -305,7 +310,8 @@ class LlamaModel:
             qkv = self._mv("qkv", h, L.wqkv)[0]
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D])
             q = rope_kv_write(q.view(H, D), k.view(Hkv, D), v.view(Hkv, D), self.cos, self.sin, pos, self.cache.k[n], self.cache.v[n])
-            attn = decode_attention(q, self.cache.k[n], self.cache.v[n], seq_len, num_splits=self.num_splits, scratch=self.attn_scratch)
+            attn = decode_attention(q, self.cache.k[n], self.cache.v[n], seq_len, num_splits=self.num_splits, scratch=self.attn_scratch,
+                                    one_launch=self.attn_one_launch, counters=self.attn_counters)
             x = self._mv("o", attn.reshape(1, H * D), L.wo)
             h, residual = add_rmsnorm(x, residual, L.mlp_norm, arch.rms_norm_eps)
             x = self._mv("down", silu_mul(self._mv("gate_up", h, L.w_gate_up)), L.w_down)
@@ -324,7 +330,8 @@ class LlamaModel:
         for n, L in enumerate(self.w.layers):
             k_cache, v_cache = self.cache.k[n], self.cache.v[n]
             q = norm_qkv_rope(hidden, L.attn_norm, L.wqkv, eps, self.cos, self.sin, pos, k_cache, v_cache, self.q_buf, cfg.get("qkv"), pdl)
-            attn = decode_attention(q, k_cache, v_cache, seq_len, num_splits=self.num_splits, scratch=self.attn_scratch, pdl=pdl)
+            attn = decode_attention(q, k_cache, v_cache, seq_len, num_splits=self.num_splits, scratch=self.attn_scratch, pdl=pdl,
+                                    one_launch=self.attn_one_launch, counters=self.attn_counters)
             gemv_residual(attn.reshape(1, H * D), L.wo, hidden, cfg.get("o"), pdl)
             act = norm_gate_up_silu(hidden, L.mlp_norm, L.w_gate_up, eps, self.act_buf, cfg.get("gate_up"), pdl)
             gemv_residual(act, L.w_down, hidden, cfg.get("down"), pdl)

@@ -6,7 +6,9 @@ tile configs in bf16, with and without programmatic dependent launch (PDL), and 
 - the width of every global load (16-byte `ld.global.v4` for the weight tiles: the GEMV is all weight streaming),
 - spills (STL/LDL in the SASS, via the bundled nvdisasm),
 - with PDL: how many global loads are issued before `griddepcontrol.wait` (the first weight tile only) and that
-  `griddepcontrol.launch_dependents` follows the wait.
+  `griddepcontrol.launch_dependents` follows the wait,
+- where a kernel publishes through an atomic (one-launch decode attention): its memory semantics and scope, whether
+  a CTA barrier separates the last global store from it, and that every global load after it bypasses L1 (`.cg`).
 It must run without TRITON_INTERPRET (the interpreter replaces @triton.jit). `tests/test_kernels_sm90_build.py`
 runs it in a subprocess and checks the report.
 """
@@ -62,6 +64,16 @@ def _inspect(kernel, tile_bytes: int | None, threads: int) -> dict:
         "v4_loads_per_weight_tile": tile_bytes // (16 * threads) if tile_bytes else None,
         "spills": None,
     }
+    atom = next((i for i, line in enumerate(lines) if re.search(r"\batom\.", line)), None)
+    if atom is not None:
+        last_store = max(i for i, line in enumerate(lines[:atom]) if "st.global" in line)
+        after = [line for line in lines[atom:] if "ld.global" in line]
+        out["atomic"] = {
+            "op": re.search(r"atom(\.\w+)+", lines[atom]).group(0),
+            "barrier_after_last_store": any("bar.sync" in line for line in lines[last_store:atom]),
+            "loads_after": len(after),
+            "loads_after_bypass_l1": sum(".cg" in line for line in after),
+        }
     disasm = _nvdisasm()
     if disasm:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -111,11 +123,22 @@ def build_report() -> dict:
             add(f"norm_gate_up_silu[{2 * pairs}x{bk},w{nw}]/{tag}", k, 2 * 2 * pairs * bk, nw)
         k = _compile(
             _decode_attn_split_kernel,
-            {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32", "qk_scale": "fp32"},
-            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "USE_GDC": pdl},
-            ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "stride_qh", "stride_kh", "stride_ks", "stride_vh", "stride_vs"],
+            {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32", "counter_ptr": "*i32",
+             "out_ptr": BF16, "qk_scale": "fp32"},
+            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": False, "USE_GDC": pdl},
+            ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "stride_qh", "stride_kh", "stride_ks", "stride_vh",
+             "stride_vs", "stride_oh"],
             4, pdl)  # fmt: skip
         add(f"decode_attention_split/{tag}", k, None, 4)
+        k = _compile(
+            _decode_attn_split_kernel,
+            {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32",
+             "counter_ptr": "*i32", "out_ptr": BF16, "qk_scale": "fp32"},
+            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": True, "USE_GDC": pdl},
+            ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "stride_qh", "stride_kh", "stride_ks", "stride_vh",
+             "stride_vs", "stride_oh"],
+            4, pdl)  # fmt: skip
+        add(f"decode_attention_one_launch/{tag}", k, None, 4)
         k = _compile(_decode_attn_combine_kernel, {"scratch_ptr": "*fp32", "out_ptr": BF16},
                      {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32, "USE_GDC": pdl}, ["scratch_ptr", "out_ptr", "stride_oh"], 4, pdl)
         add(f"decode_attention_combine/{tag}", k, None, 4)
@@ -133,7 +156,8 @@ def main() -> int:
     print(f"sm_{TARGET_ARCH} build with triton {report['triton']} (no GPU needed)")
     for name, r in report["kernels"].items():
         pdl = f" loads before griddepcontrol.wait: {r['loads_before_wait']}" if r["pdl_wait"] else ""
-        print(f"  {name:38s} loads {r['load_widths']} spills {r['spills']}{pdl}")
+        atom = f" atomic {r['atomic']}" if "atomic" in r else ""
+        print(f"  {name:38s} loads {r['load_widths']} spills {r['spills']}{pdl}{atom}")
     return 0
 
 

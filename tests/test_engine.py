@@ -281,3 +281,128 @@ def test_prefill_rejects_bad_ids_and_busy_engine(tiny_llm):
     eng.truncate(0)
     eng.prefill([1, 2, 3])
     assert eng.pos == 3
+
+
+def test_one_launch_attention_in_the_decode_step(tiny_llm, monkeypatch):
+    """The model hands the one-launch flag and its arrival counters to the Triton attention (interpreter): the same
+    logits and K/V as the two-launch step, step after step (the counters must be back at zero each time)."""
+    import kernels.model as km
+    from kernels import decode_attention as da
+    from kernels.model import LlamaModel
+
+    tok, arch, sd = tiny_llm
+    modes = []
+
+    def spy(*args, **kw):
+        modes.append(kw.get("one_launch"))
+        return da.decode_attention_triton(*args, **kw)
+
+    monkeypatch.setattr(km, "decode_attention", spy)
+    models = [LlamaModel(LlamaWeights.from_state_dict(arch, sd.__getitem__, torch.float32, "cpu"), max_seq=256) for _ in range(2)]
+    models[1].attn_one_launch = True
+    prompt = torch.tensor(speech_prompt(tok, 5, n=40))
+    assert 128 < len(prompt) < 190  # three live splits of 64 positions (of 4) in the 256-position cache
+    for m in models:
+        m.prefill(prompt, 0)
+    state = [(torch.zeros(1, dtype=torch.int32) + len(prompt), torch.zeros(1, dtype=torch.int32)) for _ in models]
+    token = torch.tensor([7])
+    for _ in range(4):
+        a, b = (m.decode_step(token, *s).clone() for m, s in zip(models, state))
+        assert torch.equal(a, b)
+        assert models[1].attn_counters.eq(0).all()
+        token = a.argmax().view(1)
+    assert torch.equal(models[0].cache.k, models[1].cache.k) and torch.equal(models[0].cache.v, models[1].cache.v)
+    assert modes.count(True) == modes.count(False) == 4 * arch.num_layers
+
+
+def _tuned_engine(tiny_llm, prompt):
+    eng = new_engine(tiny_llm)
+    eng.prefill(prompt)
+    return eng
+
+
+def test_tune_step_races_variants_and_leaves_the_engine_as_it_was(tiny_llm):
+    """The race runs every candidate from the same state and restores it: the decode afterwards equals an untuned
+    engine's, the valid cache is untouched, and every admitted variant has a time."""
+    from kernels.engine import STEP_VARIANTS
+
+    tok = tiny_llm[0]
+    prompt = speech_prompt(tok, 6, n=30)
+    cands = [STEP_VARIANTS["fused"], STEP_VARIANTS["fused+1attn"], STEP_VARIANTS["unfused"]]
+    eng = _tuned_engine(tiny_llm, prompt)
+    k_before = eng.model.cache.k[:, :, : len(prompt)].clone()
+    report = eng.tune_step(SPEECHGPT_SAMPLING, candidates=cands, steps=4, rounds=3)
+    assert report["position"] == len(prompt) and report["steps"] == 4
+    assert [n for n, r in report["variants"].items() if r["admitted"]] == ["fused", "fused+1attn", "unfused"]
+    assert all(r["us_per_step"] > 0 for r in report["variants"].values())
+    assert "must be 0" in report["variants"]["fused+1attn"]["check"] and "vs unfused" in report["variants"]["fused"]["check"]
+    assert report["chosen"] == eng.step_variant.name and eng.tune_report is report
+    assert eng.pos == len(prompt) and int(eng.pos_dev[0]) == len(prompt)
+    assert torch.equal(eng.model.cache.k[:, :, : len(prompt)], k_before)
+    got = list(eng.decode(SPEECHGPT_SAMPLING, seed=4, max_new_tokens=20, stop_ids=()))
+    ref = _tuned_engine(tiny_llm, prompt)
+    assert got == list(ref.decode(SPEECHGPT_SAMPLING, seed=4, max_new_tokens=20, stop_ids=()))
+
+
+def test_tune_step_rejects_a_variant_whose_logits_differ_from_its_twin(tiny_llm, monkeypatch):
+    """A launch trick that changes the arithmetic (here: one-launch attention made to add 1e-3, as a merge reading a
+    stale partial would) is not admitted, whatever its speed; a variant that cannot run is reported, not chosen."""
+    import kernels.model as km
+    from kernels.engine import STEP_VARIANTS
+
+    real = km.decode_attention
+
+    def skewed(*args, one_launch=False, **kw):
+        out = real(*args, one_launch=one_launch, **kw)
+        return out + 1e-3 if one_launch else out
+
+    monkeypatch.setattr(km, "decode_attention", skewed)
+    eng = _tuned_engine(tiny_llm, speech_prompt(tiny_llm[0], 7, n=20))
+    cands = [STEP_VARIANTS[n] for n in ("fused", "fused+1attn", "fused+pdl", "unfused")]
+    report = eng.tune_step(SPEECHGPT_SAMPLING, candidates=cands, steps=3, rounds=2)
+    bad = report["variants"]["fused+1attn"]
+    assert not bad["admitted"] and bad["why"].startswith("failed the check: max |logit - fused's|")
+    assert not report["variants"]["fused+pdl"]["admitted"] and "compute capability" in report["variants"]["fused+pdl"]["why"]
+    assert report["chosen"] in ("fused", "unfused")
+
+
+def test_tune_step_keeps_the_faster_variant(tiny_llm, monkeypatch):
+    """With the two-launch attention made 20 ms slower per step, the race picks the one-launch variant."""
+    import time as _time
+
+    import kernels.model as km
+    from kernels.engine import STEP_VARIANTS
+
+    real = km.decode_attention
+
+    def slow_two_launch(*args, one_launch=False, **kw):
+        if not one_launch:
+            _time.sleep(0.01)
+        return real(*args, one_launch=one_launch, **kw)
+
+    monkeypatch.setattr(km, "decode_attention", slow_two_launch)
+    eng = _tuned_engine(tiny_llm, speech_prompt(tiny_llm[0], 8, n=20))
+    report = eng.tune_step(SPEECHGPT_SAMPLING, candidates=[STEP_VARIANTS["fused"], STEP_VARIANTS["fused+1attn"]], steps=2, rounds=3)
+    assert report["chosen"] == "fused+1attn" and eng.step_variant == STEP_VARIANTS["fused+1attn"]
+    v = report["variants"]
+    assert v["fused"]["us_per_step"] > v["fused+1attn"]["us_per_step"] + 15000  # two layers x 10 ms
+
+
+def test_tune_step_on_a_full_cache_changes_nothing(tiny_llm):
+    eng = new_engine(tiny_llm, max_seq=16)
+    eng.prefill(list(range(3, 19)))
+    report = eng.tune_step()
+    assert report["skipped"] == "the cache is full" and report["chosen"] == "fused" and eng.pos == 16
+
+
+def test_tune_step_in_speech_mode_compares_masked_logits(tiny_llm):
+    """Under the speech head with a unit span open the text rows are -inf in every variant: equal, not NaN."""
+    from kernels.engine import STEP_VARIANTS
+
+    eng = _tuned_engine(tiny_llm, speech_prompt(tiny_llm[0], 9, n=20))
+    eng.span_open.fill_(1)
+    cands = [STEP_VARIANTS[n] for n in ("fused", "fused+1attn", "unfused")]
+    report = eng.tune_step(SPEECHGPT_SAMPLING, speech_mode=True, candidates=cands, steps=2, rounds=1)
+    assert all(r["admitted"] for r in report["variants"].values()), report
+    assert "= 0 over 2 steps" in report["variants"]["fused+1attn"]["check"]
+    assert int(eng.span_open[0]) == 1  # restored

@@ -233,6 +233,71 @@ def test_bf16_precision_and_greedy_agreement_at_7b():
     print("precision report:", report)
 
 
+def test_programmatic_dependent_launch_changes_nothing_but_timing(small_weights):
+    """PDL only moves launches earlier; every kernel still waits for its inputs on the device. Same kernels, same
+    arithmetic: the graph-replayed streams must be identical, token for token, and so must the step's logits.
+    From here on the tests run the least proven paths (PDL, one-launch attention): a device fault in them cannot
+    disturb the tests before."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    p = prompt(60, 13)
+    runs, logits = [], []
+    for pdl in (False, True):
+        eng = DecodeEngine(small_weights, pdl=pdl)
+        eng.prefill(p)
+        runs.append(list(eng.decode(SPEECHGPT_SAMPLING, seed=3, max_new_tokens=48, stop_ids=())))
+        eng.truncate(len(p) - 1)  # one eager step on the same cache prefix (PDL launches outside a graph too)
+        tok = torch.tensor([p[-1]], device="cuda")
+        pos = torch.tensor([len(p) - 1], dtype=torch.int32, device="cuda")
+        logits.append(eng.model.decode_step(tok, pos, torch.zeros(1, dtype=torch.int32, device="cuda")).clone())
+    assert runs[0] == runs[1]
+    assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("name", ["fused+1attn", "fused+pdl", "fused+pdl+1attn"])
+def test_launch_variants_decode_exactly_like_the_plain_fused_step(small_weights, name):
+    """One-launch attention and PDL only change how the same kernels are launched: the graph-replayed sampled
+    stream equals the plain fused engine's token for token over 96 steps (a stale partial or an early read would
+    show as a different token sooner or later), and the one-launch counters end at zero."""
+    from kernels.engine import STEP_VARIANTS
+
+    v = STEP_VARIANTS[name]
+    if v.pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    p = prompt(300, 21)  # 300+ positions: five live attention splits of 64
+    runs = []
+    for variant in (STEP_VARIANTS["fused"], v):
+        eng = DecodeEngine(small_weights, fused=variant.fused, pdl=variant.pdl, one_launch_attention=variant.one_launch_attention)
+        eng.prefill(p)
+        runs.append(list(eng.decode(SPEECHGPT_SAMPLING, seed=9, max_new_tokens=96, stop_ids=())))
+        assert eng.model.attn_counters.eq(0).all()
+    assert runs[0] == runs[1]
+
+
+def test_warmup_races_the_step_variants_and_admits_every_one(small_weights):
+    """On a GPU the warm-up's race must admit every variant this card runs (a twin whose logits differ from its
+    plain variant's by a single bit is refused, which would point at a synchronisation bug), time each, and pick
+    one; the tuned engine then decodes as the untuned engine with the chosen variant does."""
+    p = prompt(200, 22)
+    eng = DecodeEngine(small_weights)
+    eng.prefill(p)
+    eng.warmup(SPEECHGPT_SAMPLING)
+    report = eng.tune_report
+    print("step variant race:", json.dumps(report, indent=1))
+    names = [v.name for v in eng.step_candidates()]
+    assert list(report["variants"]) == names and len(names) >= 3
+    for name in names:
+        row = report["variants"][name]
+        assert row["admitted"], (name, row)
+        assert row["us_per_step"] > 0
+    chosen = eng.step_variant
+    assert report["chosen"] == chosen.name
+    got = list(eng.decode(SPEECHGPT_SAMPLING, seed=2, max_new_tokens=32, stop_ids=()))
+    ref = DecodeEngine(small_weights, tune=False, fused=chosen.fused, pdl=chosen.pdl, one_launch_attention=chosen.one_launch_attention)
+    ref.prefill(p)
+    assert got == list(ref.decode(SPEECHGPT_SAMPLING, seed=2, max_new_tokens=32, stop_ids=()))
+
+
 def test_engine_generator_on_cuda_answers_like_the_cpu_engine(request):
     """`respond --device cuda`'s LLM path on the tiny bundle: EngineGenerator on CUDA (fp32, graph prefill buckets,
     graph decode, fused kernels) against the CPU engine, greedy, in every mode: the same answer."""
@@ -251,23 +316,3 @@ def test_engine_generator_on_cuda_answers_like_the_cpu_engine(request):
         prompt = prompt_for(task, **kw)
         a, b = (g.generate(prompt, task=task, params=greedy, max_new_tokens=120) for g in gens)
         assert a.new_ids == b.new_ids, task
-
-
-def test_programmatic_dependent_launch_changes_nothing_but_timing(small_weights):
-    """PDL only moves launches earlier; every kernel still waits for its inputs on the device. Same kernels, same
-    arithmetic: the graph-replayed streams must be identical, token for token, and so must the step's logits.
-    Last in the file: the least proven path (a device fault here cannot disturb the tests before it)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
-    p = prompt(60, 13)
-    runs, logits = [], []
-    for pdl in (False, True):
-        eng = DecodeEngine(small_weights, pdl=pdl)
-        eng.prefill(p)
-        runs.append(list(eng.decode(SPEECHGPT_SAMPLING, seed=3, max_new_tokens=48, stop_ids=())))
-        eng.truncate(len(p) - 1)  # one eager step on the same cache prefix (PDL launches outside a graph too)
-        tok = torch.tensor([p[-1]], device="cuda")
-        pos = torch.tensor([len(p) - 1], dtype=torch.int32, device="cuda")
-        logits.append(eng.model.decode_step(tok, pos, torch.zeros(1, dtype=torch.int32, device="cuda")).clone())
-    assert runs[0] == runs[1]
-    assert torch.equal(logits[0], logits[1])

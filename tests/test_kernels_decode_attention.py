@@ -80,6 +80,37 @@ def test_empty_splits_write_the_neutral_element(gen):
     torch.testing.assert_close(out, da.decode_attention_reference(q, k_cache, v_cache, 3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("h,hkv,d,s_max,seq_len,num_splits,block_n", CASES)
+def test_one_launch_equals_two_launches(gen, dtype, h, hkv, d, s_max, seq_len, num_splits, block_n):
+    """The merge by the last-arriving split is the combine kernel's arithmetic over the same partials: identical
+    output, and the arrival counters are back at zero for the next launch (checked by launching twice)."""
+    q, k_cache, v_cache = _inputs(gen, h, hkv, d, s_max, dtype, DEVICE)
+    seq_len_t = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
+    two = da.decode_attention_triton(q, k_cache, v_cache, seq_len_t, num_splits=num_splits, block_n=block_n)
+    counters = da.attention_counters(h, DEVICE)
+    for _ in range(2):
+        one = da.decode_attention_triton(q, k_cache, v_cache, seq_len_t, num_splits=num_splits, block_n=block_n,
+                                         one_launch=True, counters=counters)
+        assert torch.equal(one, two)
+        assert counters.tolist() == [0] * h
+
+
+def test_one_launch_skips_splits_past_the_context(gen):
+    h, d, s_max, splits = 2, 32, 40, 4  # chunk 10
+    q, k_cache, v_cache = _inputs(gen, h, h, d, s_max, torch.float32, DEVICE)
+    scratch = torch.full((h, splits, d + 2), float("nan"), device=DEVICE)
+    counters = da.attention_counters(h, DEVICE)
+    seq_len = torch.tensor([13], dtype=torch.int32, device=DEVICE)  # two live splits
+    out = da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, scratch=scratch, block_n=8,
+                                     one_launch=True, counters=counters)
+    assert torch.isfinite(scratch[:, :2]).all() and torch.isnan(scratch[:, 2:]).all()  # dead splits wrote nothing
+    torch.testing.assert_close(out, da.decode_attention_reference(q, k_cache, v_cache, 13), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="counters"):
+        da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, one_launch=True,
+                                   counters=torch.zeros(h, dtype=torch.int64, device=DEVICE))
+
+
 def test_preallocated_buffers_follow_the_device_seq_len(gen):
     # Graph-style use: same out/scratch/seq_len tensors, seq_len changed in place between launches.
     h, d, s_max = 2, 32, 24
@@ -150,24 +181,56 @@ def test_gpu_decode_attention_7b_bf16(gen, no_tf32, hkv):
 
 
 @pytest.mark.gpu
-def test_gpu_decode_attention_in_a_cuda_graph(gen, no_tf32):
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_gpu_decode_attention_in_a_cuda_graph(gen, no_tf32, one_launch):
     h, d, s_max = 32, 128, 2048
     q, k_cache, v_cache = _inputs(gen, h, h, d, s_max, torch.bfloat16, "cuda")
     splits = da.choose_num_splits(h, s_max, "cuda")
     scratch = da.decode_attention_scratch(h, d, splits, "cuda")
+    counters = da.attention_counters(h, "cuda")
     out = torch.empty_like(q)
     seq_len = torch.tensor([1], dtype=torch.int32, device="cuda")
+
+    def launch() -> None:
+        da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, out=out, scratch=scratch,
+                                   one_launch=one_launch, counters=counters)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and warm up outside the capture
-        da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, out=out, scratch=scratch)
+        launch()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, out=out, scratch=scratch)
+        launch()
     for length in (1, 300, 2048, 17):
         seq_len.fill_(length)
         graph.replay()
         torch.cuda.synchronize()
         ref = da.decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), length)
         _assert_dtype_rule(out, _torch_lowp_attention(q, k_cache, v_cache, length), ref, f"graph L={length}")
+    assert counters.eq(0).all()
+
+
+@pytest.mark.gpu
+def test_gpu_one_launch_attention_is_race_free_under_repetition(gen):
+    """The arrival counter is the one-launch kernel's only synchronisation: a missing release/acquire shows up as
+    a merge that read a stale partial, i.e. an output that differs from the two-launch kernel's (identical
+    arithmetic) on some of many launches. 7B shape, every live-split count from 1 to 32."""
+    h, d, s_max = 32, 128, 2048
+    q, k_cache, v_cache = _inputs(gen, h, h, d, s_max, torch.bfloat16, "cuda")
+    splits = da.choose_num_splits(h, s_max, "cuda")
+    counters = da.attention_counters(h, "cuda")
+    seq_len = torch.zeros(1, dtype=torch.int32, device="cuda")
+    chunk = da.split_chunk(s_max, splits)
+    mismatches = []
+    for live in range(1, splits + 1):
+        seq_len.fill_((live - 1) * chunk + 1 + (live * 37) % chunk)
+        two = da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits)
+        for rep in range(20):
+            one = da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, one_launch=True, counters=counters)
+            if not torch.equal(one, two):
+                mismatches.append((live, rep))
+    torch.cuda.synchronize()
+    assert not mismatches, f"one-launch output differed from two-launch at (live splits, repetition) {mismatches[:10]}"
+    assert counters.eq(0).all()

@@ -26,7 +26,8 @@ def report() -> dict:
 
 def test_every_kernel_builds_plain_and_with_pdl(report):
     names = set(report["kernels"])
-    for base in ("norm_qkv_rope", "norm_gate_up_silu", "gemv_residual", "decode_attention_split", "decode_attention_combine"):
+    for base in ("norm_qkv_rope", "norm_gate_up_silu", "gemv_residual", "decode_attention_split", "decode_attention_combine",
+                 "decode_attention_one_launch"):
         for tag in ("plain", "pdl"):
             assert any(n.startswith(base) and n.endswith("/" + tag) for n in names), (base, tag)
 
@@ -47,3 +48,18 @@ def test_pdl_waits_after_the_first_weight_tile_only(report):
         assert r["pdl_wait"] and r["trigger_after_wait"], (name, r)
         expected = r["v4_loads_per_weight_tile"] or 0  # attention reads nothing before the wait
         assert r["loads_before_wait"] == expected, (name, r)
+
+
+def test_one_launch_attention_publishes_its_partials_before_the_last_split_reads_them(report):
+    """The arrival counter is the only synchronisation between a head's splits: it must be an acq_rel atomic at GPU
+    scope, issued after a CTA barrier that follows the partial stores (the atomic runs in one thread: without the
+    barrier the other threads' stores could still be in flight), and the merge must read the partials at L2."""
+    for tag in ("plain", "pdl"):
+        r = report["kernels"][f"decode_attention_one_launch/{tag}"]
+        atom = r["atomic"]
+        assert ".acq_rel" in atom["op"] and ".gpu" in atom["op"] and ".add" in atom["op"], atom
+        assert atom["barrier_after_last_store"], atom
+        assert atom["loads_after"] > 0 and atom["loads_after_bypass_l1"] == atom["loads_after"], atom
+    for name, r in report["kernels"].items():
+        if not name.startswith("decode_attention_one_launch"):
+            assert "atomic" not in r, name

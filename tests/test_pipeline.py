@@ -112,7 +112,7 @@ def test_respond_every_mode_end_to_end(pipeline, question, task):
 def test_engine_pipeline_equals_reference_pipeline(pipeline, tiny_bundle, question, seed):
     """The default generator (our decode engine, CPU path) draws the same tokens as the transformers reference for
     a seed, in every mode: same answer, same reply audio."""
-    assert pipeline.generator_name == "engine"
+    assert pipeline.generator_name == "engine" and pipeline.generator_label == "engine (decode step fused, eager)"
     reference = _reference_pipeline(tiny_bundle)
     for task in Task:
         kw = {"audio": question} if task in (Task.SPEECH, Task.ASR) else {"text": "Say something short."}
