@@ -17,6 +17,12 @@ writes its partial and then counts itself in on a per-head int32 arrival counter
 after a CTA barrier so every thread's partial stores precede it); the split that arrives last merges the
 ceil(seq_len / chunk) live partials (read through L2, bypassing L1) and resets the counter to 0 for the next launch.
 Same arithmetic as the two-launch path over the same partials, so both give identical outputs.
+
+L2 prefetch (`prefetch=W`, Hopper): attention reads little memory at short contexts, so DRAM idles through it. The
+kernel can use that time to pull the next weight matrix (the layer's o_proj, read right after) into L2: first
+thing, before any wait, every program issues bulk L2 prefetches (`cp.async.bulk.prefetch.L2`, sm_90) for its
+1/P-th of W's bytes, and goes on without waiting for them. A hint only: outputs are unchanged; whether it pays
+(L2 capacity and partitioning, contention with the KV reads) is measured, not assumed (kernels.engine.tune_step).
 """
 
 from __future__ import annotations
@@ -124,6 +130,29 @@ def _attend_positions(q, k_base, v_base, stride_ks, stride_vs, offs_d, dmask, st
     return acc, m_i, l_i
 
 
+_PREFETCH_CHUNK = 256  # bytes per bulk prefetch instruction (a multiple of 16; literal in _prefetch_l2_slice)
+
+
+@triton.jit
+def _prefetch_l2_slice(pf_ptr, pf_bytes, pid, n_prog):
+    """Ask L2 to fetch this program's 1/n_prog-th of the pf_bytes at pf_ptr (a byte pointer; pf_bytes a multiple of
+    256), in 256-byte bulk prefetches; does not wait for them."""
+    chunks = pf_bytes // 256
+    per = tl.cdiv(chunks, n_prog)
+    lo = pid * per
+    hi = tl.minimum(lo + per, chunks)
+    for c0 in range(lo, hi, 128):
+        idx = tl.minimum(c0 + tl.arange(0, 128), chunks - 1)  # a clamped tail re-requests the last chunk: harmless
+        tl.inline_asm_elementwise(
+            "cp.async.bulk.prefetch.L2.global [$1], 256;\n\tmov.u32 $0, 0;",
+            "=r,l",
+            [pf_ptr + idx.to(tl.int64) * 256],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
 @triton.jit
 def _combine_splits(scratch_ptr, out_ptr, head, stride_oh, num_splits, n_used, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """out[head] = the merge of the head's first n_used partials (rows of num_splits in the scratch)."""
@@ -154,6 +183,8 @@ def _decode_attn_split_kernel(
     scratch_ptr,
     counter_ptr,
     out_ptr,
+    pf_ptr,
+    pf_bytes,
     stride_qh,
     stride_kh,
     stride_ks,
@@ -169,13 +200,16 @@ def _decode_attn_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     ONE_LAUNCH: tl.constexpr,
+    PREFETCH: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    if PREFETCH:  # static weights: no need to wait for the previous kernel
+        _prefetch_l2_slice(pf_ptr, pf_bytes, head * num_splits + split, tl.num_programs(0) * num_splits)
     if USE_GDC:  # programmatic dependent launch: q and this step's K/V row come from the previous kernel
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # past the wait: see kernels.gemv.dot_rows
-    head = tl.program_id(0)
-    split = tl.program_id(1)
     kv_head = head // GROUP
     seq_len = tl.load(seq_len_ptr).to(tl.int32)
     start = split * chunk
@@ -239,11 +273,14 @@ def decode_attention_triton(
     pdl: bool = False,
     one_launch: bool = False,
     counters: torch.Tensor | None = None,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One-token attention over the cache; returns out [H, D] in q's dtype. Graph-safe: seq_len is read on the
     device, the grid depends only on shapes and num_splits. pdl: programmatic dependent launch (Hopper+).
     one_launch: merge the splits in the split kernel (see the module doc); counters is then its int32 [H] arrival
-    counters, all zero between launches (the kernel leaves them so; default: a fresh zeroed tensor)."""
+    counters, all zero between launches (the kernel leaves them so; default: a fresh zeroed tensor).
+    prefetch: a contiguous CUDA tensor (the next weight matrix) to pull into L2 meanwhile (sm_90+; see the module
+    doc); its bytes past the last whole 256 are not prefetched."""
     if q.dim() != 2 or q.stride(1) != 1:
         raise ValueError(f"decode_attention: q must be [H, D] with a contiguous last dim, got {tuple(q.shape)}")
     h, d = q.shape
@@ -282,6 +319,17 @@ def decode_attention_triton(
         if counters.shape != (h,) or counters.dtype != torch.int32 or not counters.is_contiguous():
             raise ValueError(f"decode_attention: counters must be contiguous int32 ({h},), got {counters.dtype} {tuple(counters.shape)}")
 
+    pf_bytes = 0
+    if prefetch is not None:
+        if not (prefetch.is_cuda and prefetch.is_contiguous()):
+            raise ValueError(f"decode_attention: prefetch must be a contiguous CUDA tensor, got {prefetch.device} "
+                             f"contiguous={prefetch.is_contiguous()}")
+        if torch.cuda.get_device_capability(prefetch.device)[0] < 9:
+            raise ValueError("decode_attention: prefetch uses the bulk L2 prefetch of compute capability 9.0+")
+        pf_bytes = prefetch.numel() * prefetch.element_size() // _PREFETCH_CHUNK * _PREFETCH_CHUNK
+        if pf_bytes >= 2**31:
+            raise ValueError(f"decode_attention: prefetch of {pf_bytes} bytes: at most 2 GiB")
+
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     chunk = split_chunk(s_max, num_splits)
     block_d = triton.next_power_of_2(d)
@@ -294,6 +342,8 @@ def decode_attention_triton(
         scratch,
         counters if one_launch else seq_len,  # unused without one_launch
         out,
+        prefetch.view(-1).view(torch.uint8) if prefetch is not None else seq_len,  # unused without prefetch
+        pf_bytes,
         q.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
@@ -309,6 +359,7 @@ def decode_attention_triton(
         BLOCK_N=block_n,
         BLOCK_S=block_s,
         ONE_LAUNCH=one_launch,
+        PREFETCH=prefetch is not None,
         USE_GDC=pdl,
         num_warps=4,
         launch_pdl=pdl,
@@ -341,11 +392,13 @@ def decode_attention(
     pdl: bool = False,
     one_launch: bool = False,
     counters: torch.Tensor | None = None,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatcher: the Triton kernels on CUDA, the fp32 torch reference (cast to q's dtype) elsewhere."""
+    """Dispatcher: the Triton kernels on CUDA, the fp32 torch reference (cast to q's dtype) elsewhere (where the
+    launch options one_launch, pdl and prefetch mean nothing)."""
     if q.is_cuda:
         return decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=num_splits, out=out, scratch=scratch,
-                                       pdl=pdl, one_launch=one_launch, counters=counters)
+                                       pdl=pdl, one_launch=one_launch, counters=counters, prefetch=prefetch)
     y = decode_attention_reference(q, k_cache, v_cache, int(seq_len.reshape(-1)[0])).to(q.dtype)
     if out is not None:
         out.copy_(y)

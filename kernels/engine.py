@@ -22,6 +22,7 @@ Chunks chain through a device start position; only the last chunk's logits are c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -94,22 +95,28 @@ class StepVariant:
     """How a decode step is launched. Every variant computes the same step: `fused` folds RMSNorm, RoPE, the KV write,
     SiLU*mul and the residual adds into the GEMVs (6 launches per layer instead of 10), `one_launch_attention` merges
     the attention splits in the split kernel (5), `pdl` overlaps each fused kernel's start with the previous one's
-    tail (programmatic dependent launch, Hopper+). Which is fastest depends on the card: `DecodeEngine.tune_step`
-    measures them."""
+    tail (programmatic dependent launch, Hopper+), `l2_prefetch` has attention pull the o_proj weights into L2
+    while DRAM would idle (Hopper+). Which is fastest depends on the card: `DecodeEngine.tune_step` measures them."""
 
     fused: bool = True
     pdl: bool = False
     one_launch_attention: bool = False
+    l2_prefetch: bool = False
 
     @property
     def name(self) -> str:
-        parts = ["fused" if self.fused else "unfused"] + ["pdl"] * self.pdl + ["1attn"] * self.one_launch_attention
+        parts = (["fused" if self.fused else "unfused"] + ["pdl"] * self.pdl + ["1attn"] * self.one_launch_attention
+                 + ["l2pf"] * self.l2_prefetch)
         return "+".join(parts)
 
     @property
+    def needs_hopper(self) -> bool:
+        return self.pdl or self.l2_prefetch
+
+    @property
     def twin(self) -> "StepVariant | None":
-        """The variant with the same arithmetic minus the launch tricks (pdl, one-launch attention): its logits
-        must be bit-identical to this one's. None for the plain variants."""
+        """The variant with the same arithmetic minus the launch tricks (pdl, one-launch attention, L2 prefetch): its
+        logits must be bit-identical to this one's. None for the plain variants."""
         plain = StepVariant(fused=self.fused)
         return None if plain == self else plain
 
@@ -117,7 +124,8 @@ class StepVariant:
 STEP_VARIANTS: dict[str, StepVariant] = {
     v.name: v
     for v in (StepVariant(), StepVariant(one_launch_attention=True), StepVariant(pdl=True),
-              StepVariant(pdl=True, one_launch_attention=True), StepVariant(fused=False))
+              StepVariant(pdl=True, one_launch_attention=True), StepVariant(one_launch_attention=True, l2_prefetch=True),
+              StepVariant(pdl=True, one_launch_attention=True, l2_prefetch=True), StepVariant(fused=False))
 }  # in order of preference: a later variant is chosen only when it is measurably faster
 
 
@@ -140,6 +148,7 @@ class DecodeEngine:
         fused: bool = True,
         pdl: bool = False,
         one_launch_attention: bool = False,
+        l2_prefetch: bool = False,
         tune: bool = True,
         prefill_graphs: bool = True,
         prefill_buckets: Sequence[int] = PREFILL_BUCKETS,
@@ -153,7 +162,8 @@ class DecodeEngine:
         default configs.
         pdl: launch the fused path's kernels with programmatic dependent launch (CUDA, compute capability >= 9).
         one_launch_attention: decode attention as one launch per layer instead of two (same output).
-        fused / pdl / one_launch_attention are the starting `step_variant`. tune: on CUDA with graphs, warmup()
+        l2_prefetch: decode attention pulls the layer's o_proj weights into L2 meanwhile (compute capability >= 9).
+        fused / pdl / one_launch_attention / l2_prefetch are the starting `step_variant`. tune: on CUDA with graphs, warmup()
         replaces it by the fastest variant measured on this card that passes the check (see tune_step).
         prefill_graphs: on CUDA with cuda_graphs, prefill by replaying one captured graph per token bucket
         (prefill_buckets; those longer than the cache are dropped); False = eager prefill."""
@@ -176,7 +186,7 @@ class DecodeEngine:
         self._graph_pool = None
         self._cpu_generator: torch.Generator | None = None
         self._lock = threading.Lock()  # one decode at a time
-        self.step_variant = StepVariant(fused=fused, pdl=pdl, one_launch_attention=one_launch_attention)
+        self.step_variant = StepVariant(fused=fused, pdl=pdl, one_launch_attention=one_launch_attention, l2_prefetch=l2_prefetch)
         self.pending_token: int | None = None  # last token decoded but not yet fed to the model
         self.gemv_report: dict[str, dict] = {}
         self.fused_report: dict[str, dict] = {}
@@ -272,16 +282,21 @@ class DecodeEngine:
     def step_variant(self) -> StepVariant:
         """How decode steps are launched (see StepVariant); settable between decodes, each variant's graph is kept."""
         m = self.model
-        return StepVariant(fused=m.fused, pdl=m.pdl, one_launch_attention=m.attn_one_launch)
+        return StepVariant(fused=m.fused, pdl=m.pdl, one_launch_attention=m.attn_one_launch, l2_prefetch=m.attn_l2_prefetch)
 
     @step_variant.setter
     def step_variant(self, v: StepVariant) -> None:
         self._check_idle("changing the step variant")
-        if v.pdl and not (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9):
-            raise ValueError(f"pdl needs a CUDA device of compute capability 9.0 or newer, not {self.device}")
+        if v.needs_hopper and not self._hopper():
+            what = "pdl" if v.pdl else "l2_prefetch"
+            raise ValueError(f"{what} needs a CUDA device of compute capability 9.0 or newer, not {self.device}")
         if v.pdl and not v.fused:
             raise ValueError("pdl applies to the fused decode layers only")
-        self.model.fused, self.model.pdl, self.model.attn_one_launch = v.fused, v.pdl, v.one_launch_attention
+        m = self.model
+        m.fused, m.pdl, m.attn_one_launch, m.attn_l2_prefetch = v.fused, v.pdl, v.one_launch_attention, v.l2_prefetch
+
+    def _hopper(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
 
     @property
     def fused(self) -> bool:
@@ -289,7 +304,7 @@ class DecodeEngine:
 
     @fused.setter
     def fused(self, on: bool) -> None:
-        self.step_variant = StepVariant(fused=bool(on), pdl=self.pdl and bool(on), one_launch_attention=self.model.attn_one_launch)
+        self.step_variant = dataclasses.replace(self.step_variant, fused=bool(on), pdl=self.pdl and bool(on))
 
     @property
     def pdl(self) -> bool:
@@ -297,14 +312,14 @@ class DecodeEngine:
 
     @pdl.setter
     def pdl(self, on: bool) -> None:
-        self.step_variant = StepVariant(fused=self.fused, pdl=bool(on), one_launch_attention=self.model.attn_one_launch)
+        self.step_variant = dataclasses.replace(self.step_variant, pdl=bool(on))
 
     def step_candidates(self) -> list[StepVariant]:
         """The variants this device can run, in order of preference."""
         if self.device.type != "cuda":
             return [StepVariant()]
-        hopper = torch.cuda.get_device_capability(self.device)[0] >= 9
-        return [v for v in STEP_VARIANTS.values() if hopper or not v.pdl]
+        hopper = self._hopper()
+        return [v for v in STEP_VARIANTS.values() if hopper or not v.needs_hopper]
 
     @classmethod
     def from_checkpoint(

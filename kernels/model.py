@@ -187,6 +187,8 @@ class LlamaModel:
         # of a split launch and a combine launch. Same output; fewer launches.
         self.attn_one_launch = False
         self.attn_counters = attention_counters(arch.num_heads, self.device)
+        # Let decode attention pull the layer's o_proj weights into L2 while it runs (Hopper; a hint, same output).
+        self.attn_l2_prefetch = False
         self.hidden = torch.empty(1, arch.hidden_size, dtype=self.dtype, device=self.device)  # the residual stream
         self.q_buf = torch.empty(arch.num_heads, arch.head_dim, dtype=self.dtype, device=self.device)
         self.act_buf = torch.empty(1, arch.intermediate_size, dtype=self.dtype, device=self.device)
@@ -311,7 +313,8 @@ class LlamaModel:
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D])
             q = rope_kv_write(q.view(H, D), k.view(Hkv, D), v.view(Hkv, D), self.cos, self.sin, pos, self.cache.k[n], self.cache.v[n])
             attn = decode_attention(q, self.cache.k[n], self.cache.v[n], seq_len, num_splits=self.num_splits, scratch=self.attn_scratch,
-                                    one_launch=self.attn_one_launch, counters=self.attn_counters)
+                                    one_launch=self.attn_one_launch, counters=self.attn_counters,
+                                    prefetch=L.wo if self.attn_l2_prefetch else None)
             x = self._mv("o", attn.reshape(1, H * D), L.wo)
             h, residual = add_rmsnorm(x, residual, L.mlp_norm, arch.rms_norm_eps)
             x = self._mv("down", silu_mul(self._mv("gate_up", h, L.w_gate_up)), L.w_down)
@@ -331,7 +334,8 @@ class LlamaModel:
             k_cache, v_cache = self.cache.k[n], self.cache.v[n]
             q = norm_qkv_rope(hidden, L.attn_norm, L.wqkv, eps, self.cos, self.sin, pos, k_cache, v_cache, self.q_buf, cfg.get("qkv"), pdl)
             attn = decode_attention(q, k_cache, v_cache, seq_len, num_splits=self.num_splits, scratch=self.attn_scratch, pdl=pdl,
-                                    one_launch=self.attn_one_launch, counters=self.attn_counters)
+                                    one_launch=self.attn_one_launch, counters=self.attn_counters,
+                                    prefetch=L.wo if self.attn_l2_prefetch else None)
             gemv_residual(attn.reshape(1, H * D), L.wo, hidden, cfg.get("o"), pdl)
             act = norm_gate_up_silu(hidden, L.mlp_norm, L.w_gate_up, eps, self.act_buf, cfg.get("gate_up"), pdl)
             gemv_residual(act, L.w_down, hidden, cfg.get("down"), pdl)

@@ -7,6 +7,7 @@ tile configs in bf16, with and without programmatic dependent launch (PDL), and 
 - spills (STL/LDL in the SASS, via the bundled nvdisasm),
 - with PDL: how many global loads are issued before `griddepcontrol.wait` (the first weight tile only) and that
   `griddepcontrol.launch_dependents` follows the wait,
+- the bulk L2 prefetches of the attention kernel's prefetch mode (issued before the PDL wait),
 - where a kernel publishes through an atomic (one-launch decode attention): its memory semantics and scope, whether
   a CTA barrier separates the last global store from it, and that every global load after it bypasses L1 (`.cg`).
 It must run without TRITON_INTERPRET (the interpreter replaces @triton.jit). `tests/test_kernels_sm90_build.py`
@@ -63,7 +64,10 @@ def _inspect(kernel, tile_bytes: int | None, threads: int) -> dict:
         "trigger_after_wait": (trigger is not None and wait is not None and trigger > wait),
         "v4_loads_per_weight_tile": tile_bytes // (16 * threads) if tile_bytes else None,
         "spills": None,
+        "l2_prefetches": sum("prefetch.L2" in line for line in lines),
     }
+    if out["l2_prefetches"] and wait is not None:
+        out["l2_prefetch_before_wait"] = any("prefetch.L2" in line for line in lines[:wait])
     atom = next((i for i, line in enumerate(lines) if re.search(r"\batom\.", line)), None)
     if atom is not None:
         last_store = max(i for i, line in enumerate(lines[:atom]) if "st.global" in line)
@@ -125,7 +129,8 @@ def build_report() -> dict:
             _decode_attn_split_kernel,
             {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32", "counter_ptr": "*i32",
              "out_ptr": BF16, "qk_scale": "fp32"},
-            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": False, "USE_GDC": pdl},
+            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": False, "PREFETCH": False,
+             "USE_GDC": pdl},
             ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "stride_qh", "stride_kh", "stride_ks", "stride_vh",
              "stride_vs", "stride_oh"],
             4, pdl)  # fmt: skip
@@ -134,11 +139,21 @@ def build_report() -> dict:
             _decode_attn_split_kernel,
             {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32",
              "counter_ptr": "*i32", "out_ptr": BF16, "qk_scale": "fp32"},
-            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": True, "USE_GDC": pdl},
+            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": True, "PREFETCH": False, "USE_GDC": pdl},
             ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "stride_qh", "stride_kh", "stride_ks", "stride_vh",
              "stride_vs", "stride_oh"],
             4, pdl)  # fmt: skip
         add(f"decode_attention_one_launch/{tag}", k, None, 4)
+        k = _compile(
+            _decode_attn_split_kernel,
+            {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32",
+             "counter_ptr": "*i32", "out_ptr": BF16, "pf_ptr": "*u8", "qk_scale": "fp32"},
+            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": True, "PREFETCH": True,
+             "USE_GDC": pdl},
+            ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "pf_ptr", "stride_qh", "stride_kh", "stride_ks",
+             "stride_vh", "stride_vs", "stride_oh"],
+            4, pdl)  # fmt: skip
+        add(f"decode_attention_one_launch_l2_prefetch/{tag}", k, None, 4)
         k = _compile(_decode_attn_combine_kernel, {"scratch_ptr": "*fp32", "out_ptr": BF16},
                      {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32, "USE_GDC": pdl}, ["scratch_ptr", "out_ptr", "stride_oh"], 4, pdl)
         add(f"decode_attention_combine/{tag}", k, None, 4)
@@ -157,7 +172,8 @@ def main() -> int:
     for name, r in report["kernels"].items():
         pdl = f" loads before griddepcontrol.wait: {r['loads_before_wait']}" if r["pdl_wait"] else ""
         atom = f" atomic {r['atomic']}" if "atomic" in r else ""
-        print(f"  {name:38s} loads {r['load_widths']} spills {r['spills']}{pdl}{atom}")
+        pf = f" L2 prefetches {r['l2_prefetches']}" if r["l2_prefetches"] else ""
+        print(f"  {name:38s} loads {r['load_widths']} spills {r['spills']}{pdl}{pf}{atom}")
     return 0
 
 

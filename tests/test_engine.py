@@ -406,3 +406,22 @@ def test_tune_step_in_speech_mode_compares_masked_logits(tiny_llm):
     assert all(r["admitted"] for r in report["variants"].values()), report
     assert "= 0 over 2 steps" in report["variants"]["fused+1attn"]["check"]
     assert int(eng.span_open[0]) == 1  # restored
+
+
+def test_step_variants_name_themselves_and_hopper_only_ones_refuse_the_cpu(tiny_llm):
+    from kernels.engine import STEP_VARIANTS, StepVariant, step_variant
+
+    assert list(STEP_VARIANTS)[0] == "fused" and list(STEP_VARIANTS)[-1] == "unfused"
+    for name, v in STEP_VARIANTS.items():
+        assert v.name == name and step_variant(name) is v
+        assert (v.twin is None) == (v in (StepVariant(), StepVariant(fused=False)))
+    with pytest.raises(ValueError, match=r"unknown decode step variant .fused\+xyz.; known: fused, fused\+1attn, "):
+        step_variant("fused+xyz")
+    eng = new_engine(tiny_llm)
+    assert eng.step_candidates() == [StepVariant()]
+    with pytest.raises(ValueError, match="l2_prefetch needs a CUDA device"):
+        eng.step_variant = STEP_VARIANTS["fused+1attn+l2pf"]
+    eng.fused = False
+    assert eng.step_variant == StepVariant(fused=False)
+    with pytest.raises(ValueError, match="l2_prefetch needs a CUDA device"):
+        new_engine(tiny_llm, l2_prefetch=True)

@@ -233,6 +233,7 @@ def test_bf16_precision_and_greedy_agreement_at_7b():
     print("precision report:", report)
 
 
+@pytest.mark.launch_trick
 def test_programmatic_dependent_launch_changes_nothing_but_timing(small_weights):
     """PDL only moves launches earlier; every kernel still waits for its inputs on the device. Same kernels, same
     arithmetic: the graph-replayed streams must be identical, token for token, and so must the step's logits.
@@ -254,26 +255,29 @@ def test_programmatic_dependent_launch_changes_nothing_but_timing(small_weights)
     assert torch.equal(logits[0], logits[1])
 
 
-@pytest.mark.parametrize("name", ["fused+1attn", "fused+pdl", "fused+pdl+1attn"])
+@pytest.mark.launch_trick
+@pytest.mark.parametrize("name", ["fused+1attn", "fused+pdl", "fused+pdl+1attn", "fused+1attn+l2pf", "fused+pdl+1attn+l2pf"])
 def test_launch_variants_decode_exactly_like_the_plain_fused_step(small_weights, name):
-    """One-launch attention and PDL only change how the same kernels are launched: the graph-replayed sampled
-    stream equals the plain fused engine's token for token over 96 steps (a stale partial or an early read would
-    show as a different token sooner or later), and the one-launch counters end at zero."""
+    """One-launch attention, PDL and the L2 prefetch only change how the same kernels are launched: the
+    graph-replayed sampled stream equals the plain fused engine's token for token over 96 steps (a stale partial or
+    an early read would show as a different token sooner or later), and the one-launch counters end at zero."""
     from kernels.engine import STEP_VARIANTS
 
     v = STEP_VARIANTS[name]
-    if v.pdl and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    if v.needs_hopper and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL and the bulk L2 prefetch need compute capability 9.0+")
     p = prompt(300, 21)  # 300+ positions: five live attention splits of 64
     runs = []
     for variant in (STEP_VARIANTS["fused"], v):
-        eng = DecodeEngine(small_weights, fused=variant.fused, pdl=variant.pdl, one_launch_attention=variant.one_launch_attention)
+        eng = DecodeEngine(small_weights)
+        eng.step_variant = variant
         eng.prefill(p)
         runs.append(list(eng.decode(SPEECHGPT_SAMPLING, seed=9, max_new_tokens=96, stop_ids=())))
         assert eng.model.attn_counters.eq(0).all()
     assert runs[0] == runs[1]
 
 
+@pytest.mark.launch_trick
 def test_warmup_races_the_step_variants_and_admits_every_one(small_weights):
     """On a GPU the warm-up's race must admit every variant this card runs (a twin whose logits differ from its
     plain variant's by a single bit is refused, which would point at a synchronisation bug), time each, and pick
@@ -293,11 +297,13 @@ def test_warmup_races_the_step_variants_and_admits_every_one(small_weights):
     chosen = eng.step_variant
     assert report["chosen"] == chosen.name
     got = list(eng.decode(SPEECHGPT_SAMPLING, seed=2, max_new_tokens=32, stop_ids=()))
-    ref = DecodeEngine(small_weights, tune=False, fused=chosen.fused, pdl=chosen.pdl, one_launch_attention=chosen.one_launch_attention)
+    ref = DecodeEngine(small_weights, tune=False)
+    ref.step_variant = chosen
     ref.prefill(p)
     assert got == list(ref.decode(SPEECHGPT_SAMPLING, seed=2, max_new_tokens=32, stop_ids=()))
 
 
+@pytest.mark.launch_trick
 def test_engine_generator_on_cuda_answers_like_the_cpu_engine(request):
     """`respond --device cuda`'s LLM path on the tiny bundle: EngineGenerator on CUDA (fp32, graph prefill buckets,
     graph decode, fused kernels) against the CPU engine, greedy, in every mode: the same answer."""

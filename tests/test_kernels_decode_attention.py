@@ -111,6 +111,12 @@ def test_one_launch_skips_splits_past_the_context(gen):
                                    counters=torch.zeros(h, dtype=torch.int64, device=DEVICE))
 
 
+def test_l2_prefetch_takes_a_cuda_tensor_only(gen):
+    q, k_cache, v_cache = _inputs(gen, 2, 2, 32, 8, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="prefetch must be a contiguous CUDA tensor, got cpu"):
+        da.decode_attention_triton(q, k_cache, v_cache, torch.tensor([4], dtype=torch.int32), prefetch=torch.zeros(64, 64))
+
+
 def test_preallocated_buffers_follow_the_device_seq_len(gen):
     # Graph-style use: same out/scratch/seq_len tensors, seq_len changed in place between launches.
     h, d, s_max = 2, 32, 24
@@ -181,7 +187,7 @@ def test_gpu_decode_attention_7b_bf16(gen, no_tf32, hkv):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_launch", [False, True])
+@pytest.mark.parametrize("one_launch", [False, pytest.param(True, marks=pytest.mark.launch_trick)])
 def test_gpu_decode_attention_in_a_cuda_graph(gen, no_tf32, one_launch):
     h, d, s_max = 32, 128, 2048
     q, k_cache, v_cache = _inputs(gen, h, h, d, s_max, torch.bfloat16, "cuda")
@@ -213,6 +219,7 @@ def test_gpu_decode_attention_in_a_cuda_graph(gen, no_tf32, one_launch):
 
 
 @pytest.mark.gpu
+@pytest.mark.launch_trick
 def test_gpu_one_launch_attention_is_race_free_under_repetition(gen):
     """The arrival counter is the one-launch kernel's only synchronisation: a missing release/acquire shows up as
     a merge that read a stale partial, i.e. an output that differs from the two-launch kernel's (identical
@@ -234,3 +241,24 @@ def test_gpu_one_launch_attention_is_race_free_under_repetition(gen):
     torch.cuda.synchronize()
     assert not mismatches, f"one-launch output differed from two-launch at (live splits, repetition) {mismatches[:10]}"
     assert counters.eq(0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.launch_trick
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_gpu_l2_prefetch_changes_nothing_but_timing(gen, one_launch):
+    """The bulk L2 prefetch of the next weight matrix (Hopper) is a hint: outputs are bit-identical with and without
+    it, at every live-split count, and the prefetched tensor is untouched."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk L2 prefetch needs compute capability 9.0+")
+    h, d, s_max = 32, 128, 2048
+    q, k_cache, v_cache = _inputs(gen, h, h, d, s_max, torch.bfloat16, "cuda")
+    wo = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
+    before = wo.clone()
+    seq_len = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for length in (1, 64, 65, 700, 2048):
+        seq_len.fill_(length)
+        plain = da.decode_attention_triton(q, k_cache, v_cache, seq_len, one_launch=one_launch)
+        hinted = da.decode_attention_triton(q, k_cache, v_cache, seq_len, one_launch=one_launch, prefetch=wo)
+        assert torch.equal(plain, hinted), length
+    assert torch.equal(wo, before)

@@ -27,7 +27,7 @@ def report() -> dict:
 def test_every_kernel_builds_plain_and_with_pdl(report):
     names = set(report["kernels"])
     for base in ("norm_qkv_rope", "norm_gate_up_silu", "gemv_residual", "decode_attention_split", "decode_attention_combine",
-                 "decode_attention_one_launch"):
+                 "decode_attention_one_launch", "decode_attention_one_launch_l2_prefetch"):
         for tag in ("plain", "pdl"):
             assert any(n.startswith(base) and n.endswith("/" + tag) for n in names), (base, tag)
 
@@ -54,8 +54,9 @@ def test_one_launch_attention_publishes_its_partials_before_the_last_split_reads
     """The arrival counter is the only synchronisation between a head's splits: it must be an acq_rel atomic at GPU
     scope, issued after a CTA barrier that follows the partial stores (the atomic runs in one thread: without the
     barrier the other threads' stores could still be in flight), and the merge must read the partials at L2."""
-    for tag in ("plain", "pdl"):
-        r = report["kernels"][f"decode_attention_one_launch/{tag}"]
+    for name, tag in (("decode_attention_one_launch", "plain"), ("decode_attention_one_launch", "pdl"),
+                      ("decode_attention_one_launch_l2_prefetch", "plain"), ("decode_attention_one_launch_l2_prefetch", "pdl")):
+        r = report["kernels"][f"{name}/{tag}"]
         atom = r["atomic"]
         assert ".acq_rel" in atom["op"] and ".gpu" in atom["op"] and ".add" in atom["op"], atom
         assert atom["barrier_after_last_store"], atom
@@ -63,3 +64,16 @@ def test_one_launch_attention_publishes_its_partials_before_the_last_split_reads
     for name, r in report["kernels"].items():
         if not name.startswith("decode_attention_one_launch"):
             assert "atomic" not in r, name
+
+
+def test_l2_prefetch_mode_issues_bulk_prefetches_before_waiting(report):
+    """The prefetch mode's point is to keep DRAM busy while attention runs: its bulk L2 prefetches are in the kernel,
+    issued before griddepcontrol.wait under PDL (the weights do not depend on the previous kernel), and no other
+    kernel prefetches."""
+    for name, r in report["kernels"].items():
+        if name.startswith("decode_attention_one_launch_l2_prefetch/"):
+            assert r["l2_prefetches"] >= 1, (name, r)
+            if name.endswith("/pdl"):
+                assert r["l2_prefetch_before_wait"] and r["loads_before_wait"] == 0, (name, r)
+        else:
+            assert r["l2_prefetches"] == 0, name
