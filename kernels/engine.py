@@ -231,8 +231,9 @@ class DecodeEngine:
             self.model.gemv_choice[kind] = row["best_config"] if row["choice"] == "triton" else None
 
     def _choose_fused_configs(self) -> None:
-        """Race each fused layer kernel's tile configs on layer 0's weights and keep the fastest correct one."""
-        from kernels.gemv import AUTO_CONFIGS, fastest_config
+        """Race each fused layer kernel's tile configs on layer 0's weights and keep the fastest correct one. Where
+        the plain GEMV race over the same weight shape ran (gemv="auto"), only its six fastest configs race."""
+        from kernels.gemv import AUTO_CONFIGS, fastest_config, shortlist
         from kernels.gemv_residual import gemv_residual_triton
         from kernels.norm_gate_up_silu import gate_up_configs, norm_gate_up_silu_reference, norm_gate_up_silu_triton
         from kernels.norm_qkv_rope import norm_qkv_rope_reference, norm_qkv_rope_triton, qkv_configs
@@ -270,6 +271,8 @@ class DecodeEngine:
         for kind, (run, reference, configs, weight) in races.items():
             key = ("fused", kind, tuple(weight.shape), a.head_dim, dt, torch.cuda.get_device_name(dev))
             if key not in _GEMV_DECISIONS:
+                plain = _GEMV_DECISIONS.get((*weight.shape, dt, torch.cuda.get_device_name(dev)), {})
+                configs = shortlist(plain.get("us_per_config") or {}, configs) or configs
                 best, best_us, times = fastest_config(run, reference(), configs)
                 nbytes = weight.numel() * weight.element_size()
                 _GEMV_DECISIONS[key] = {"n": weight.shape[0], "k": weight.shape[1], "best_config": best, "us": best_us,

@@ -82,7 +82,15 @@ def test_gpu_bench_gemv_runs(no_tf32, capsys):
     # Not a timing assertion: the benchmark runs, every row reports positive times and a winning config.
     rows = gv.bench_gemv(shapes=((4096, 4096),), configs=(gv.GemvConfig(), gv.GemvConfig(16, 256, 4)))
     assert rows and rows[0]["best_config"] is not None and rows[0]["torch_us"] > 0 and rows[0]["triton_us"] > 0
+    assert set(rows[0]["us_per_config"]) == {str(gv.GemvConfig()), str(gv.GemvConfig(16, 256, 4))}
     assert "torch/triton" in capsys.readouterr().out
+
+
+def test_shortlist_keeps_the_fastest_timed_configs_of_the_given_set():
+    a, b, c, d = gv.GemvConfig(4, 512, 4), gv.GemvConfig(8, 512, 4), gv.GemvConfig(2, 1024, 4), gv.GemvConfig(16, 256, 8)
+    times = {str(a): 30.0, str(b): 10.0, str(c): 20.0, str(d): 5.0}  # d is faster, but not in the given set
+    assert gv.shortlist(times, (a, b, c), keep=2) == (b, c)
+    assert gv.shortlist({}, (a, b)) == ()
 
 
 @pytest.mark.parametrize("config", gv.AUTO_CONFIGS, ids=str)
