@@ -9,7 +9,7 @@ On the CPU the same step runs eagerly with the torch reference ops.
 
 Sampling settings are per call; a graph is captured per distinct (settings, head mode, step variant) and kept.
 How a step is launched (StepVariant: fused or unfused layers, one- or two-launch attention, programmatic dependent
-launch) changes only its speed; which is fastest depends on the card, so warmup() races the variants
+launch, an L2 prefetch of the o_proj weights during attention) changes only its speed; which is fastest depends on the card, so warmup() races the variants
 (tune_step) and keeps the fastest whose logits pass the check.
 
 Prefill on CUDA replays captured graphs too: the tokens are split into chunks that fit static token buckets
@@ -163,8 +163,8 @@ class DecodeEngine:
         pdl: launch the fused path's kernels with programmatic dependent launch (CUDA, compute capability >= 9).
         one_launch_attention: decode attention as one launch per layer instead of two (same output).
         l2_prefetch: decode attention pulls the layer's o_proj weights into L2 meanwhile (compute capability >= 9).
-        fused / pdl / one_launch_attention / l2_prefetch are the starting `step_variant`. tune: on CUDA with graphs, warmup()
-        replaces it by the fastest variant measured on this card that passes the check (see tune_step).
+        fused / pdl / one_launch_attention / l2_prefetch are the starting `step_variant`. tune: on CUDA with
+        graphs, warmup() replaces it by the fastest variant measured on this card that passes the check (tune_step).
         prefill_graphs: on CUDA with cuda_graphs, prefill by replaying one captured graph per token bucket
         (prefill_buckets; those longer than the cache are dropped); False = eager prefill."""
         self.model = LlamaModel(weights, max_seq, unit_rows_start)
@@ -548,7 +548,7 @@ class DecodeEngine:
 
         Every candidate runs the same `steps` decode steps from the same device state, at the positions right after
         the cache's valid tokens (their K/V land where the next decode overwrites them; the state is restored).
-        Check: a variant with a twin (pdl, one-launch attention) must give its twin's logits bit for bit at every
+        Check: a variant with a twin (pdl, one-launch attention, L2 prefetch) must give its twin's logits bit for bit at every
         step, since it only launches the same arithmetic differently (a mismatch means a synchronisation bug); the
         fused path's first-step logits must agree with the unfused path's (relative L2 <= 0.3: a sanity bound, the
         two round differently). Speed: the median over `rounds` interleaved rounds of the mean step time (CUDA
