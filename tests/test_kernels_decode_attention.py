@@ -236,10 +236,10 @@ def test_gpu_one_launch_attention_is_race_free_under_repetition(gen):
         two = da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits)
         for rep in range(20):
             one = da.decode_attention_triton(q, k_cache, v_cache, seq_len, num_splits=splits, one_launch=True, counters=counters)
-            if not torch.equal(one, two):
-                mismatches.append((live, rep))
+            if not torch.equal(one, two):  # the size tells a race (large) from a compiler's rounding (tiny)
+                mismatches.append((live, rep, float((one.float() - two.float()).abs().max())))
     torch.cuda.synchronize()
-    assert not mismatches, f"one-launch output differed from two-launch at (live splits, repetition) {mismatches[:10]}"
+    assert not mismatches, f"one-launch output differed from two-launch at (live splits, repetition, max |diff|) {mismatches[:10]}"
     assert counters.eq(0).all()
 
 
