@@ -505,6 +505,62 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_report(res: dict) -> str:
+    """The run as BENCHMARKS.md tables (what a GPU session pastes, with the machine, command and date it adds)."""
+    out = [f"bench-decode: {res['config']} {res['dtype']} on **{res['device']}**, "
+           + ", ".join(f"{k} {v}" for k, v in res["versions"].items()), ""]
+    rows = res["results"]
+    contexts = sorted({r["requested_context"] for r in rows})
+
+    def at(method: str, ctx: int) -> dict | None:
+        return next((r for r in rows if r["method"] == method and r["requested_context"] == ctx), None)
+
+    def ms(r: dict | None) -> str:
+        return f"{r['ms_median']:.3f}" if r else "-"
+
+    out += ["| context | engine ms/token (p90) | tok/s | % of spec BW | torch.compile ms | HF eager ms | compile / engine | HF / engine |",
+            "|---|---|---|---|---|---|---|---|"]
+    for ctx in contexts:
+        e, c, h = at("engine", ctx), at("compile", ctx), at("hf_eager", ctx)
+        if e is None:
+            continue
+        pct = f"{e['pct_spec']:.1f}" if e.get("pct_spec") else "-"
+        ratio = lambda r: f"{r['ms_median'] / e['ms_median']:.2f}x" if r else "-"  # noqa: E731
+        label = f"{ctx} ({e['context']})" if e["context"] != ctx else str(ctx)
+        out.append(f"| {label} | {e['ms_median']:.3f} ({e['ms_p90']:.3f}) | {e['tok_s']:.0f} | {pct} | {ms(c)} | {ms(h)} | {ratio(c)} | {ratio(h)} |")
+    tune = res.get("tune")
+    if tune:
+        out += ["", f"Step variants raced at position {tune['position']} ({tune['steps']} steps x rounds, graph replays); "
+                    f"chosen: **{tune['chosen']}** (the `engine` rows).", "",
+                "| variant | us / step | admitted | check, or why refused |", "|---|---|---|---|"]
+        for name, v in tune["variants"].items():
+            us = f"{v['us_per_step']:.1f}" if v.get("us_per_step") else "-"
+            out.append(f"| {name} | {us} | {'yes' if v['admitted'] else 'no'} | {v.get('why') or v.get('check') or ''} |")
+    variants = sorted({r["method"] for r in rows if r["method"].startswith("engine[")}, key=lambda m: m)
+    if variants:
+        out += ["", "Each variant on its own (pipelined host loop, ms/token; ratio to `engine`):", "",
+                "| variant | " + " | ".join(str(c) for c in contexts) + " |", "|---|" + "---|" * len(contexts)]
+        for m in variants:
+            cells = []
+            for ctx in contexts:
+                r, e = at(m, ctx), at("engine", ctx)
+                cells.append(f"{r['ms_median']:.3f} ({r['ms_median'] / e['ms_median']:.2f}x)" if r and e else ms(r))
+            out.append(f"| {m[7:-1]} | " + " | ".join(cells) + " |")
+    for name, p in (res.get("profile") or {}).items():
+        out += ["", f"Profile of `{name}` at context {p['context']}: {p['step_us']:.0f} us per step = {p['kernel_us']:.0f} us of "
+                    f"kernels ({p['kernels_per_step']:.0f} launches) + {p['idle_us']:.0f} us idle.", "",
+                "| kernel | us / step | launches |", "|---|---|---|"]
+        out += [f"| {r['kernel']} | {r['us_per_step']:.1f} | {r['calls_per_step']:.0f} |" for r in p["top"][:10]]
+    if res.get("prefill_ms"):
+        eager = res.get("prefill_eager_ms") or {}
+        out += ["", "Prefill ms: " + ", ".join(
+            f"{k} tokens {v:.2f}" + (f" (eager {eager[k]:.2f}, {eager[k] / v:.2f}x)" if k in eager else "")
+            for k, v in res["prefill_ms"].items()) + f" [{res.get('prefill_path', 'eager')}]"]
+    if res.get("errors"):
+        out += ["", "Errors: " + ", ".join(sorted(res["errors"]))]
+    return "\n".join(out)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--config", default="7b", choices=sorted(CONFIGS))
@@ -533,3 +589,10 @@ def run(args) -> int:
                     variants=variants)
     print(format_table(res))
     return 0 if not res["errors"] else 1
+
+
+if __name__ == "__main__":  # python -m kernels.bench_decode --markdown RESULT.json
+    if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+        print(markdown_report(json.loads(Path(sys.argv[2]).read_text())))
+    else:
+        sys.exit("usage: python -m kernels.bench_decode --markdown RESULT.json (the benchmark itself: speechgpt-rt bench-decode)")
