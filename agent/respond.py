@@ -85,6 +85,14 @@ class RespondPipeline:
         self.vocoder = load_vocoder(self.paths.vocoder, device)
         self.load_s = time.perf_counter() - t0
 
+    def engine_info(self) -> dict | None:
+        """How the decode engine runs (None for the reference generator): its step variant and, where the load-time
+        race ran, what it measured."""
+        if self.generator_name != "engine":
+            return None
+        eng = self.generator.engine
+        return {"step_variant": eng.step_variant.name, "cuda_graphs": eng.use_graphs, "step_race": eng.tune_report}
+
     def respond(
         self,
         task: Task | str,
@@ -188,5 +196,6 @@ def run(args) -> int:
             "units": r.units, "issues": [i.value for i in r.issues], "end_reason": r.end_reason,
             "timings_s": {"load": pipeline.load_s, **result.timings}, "output": str(out_wav) if out_wav else None,
             "tiny_bundle": pipeline.paths.is_tiny, "generator": pipeline.generator_name,
+            "engine": pipeline.engine_info(),
         }, indent=2))
     return 0

@@ -177,6 +177,7 @@ def test_respond_cli_writes_wav_and_json(tiny_bundle, tmp_path):
     assert code == 0
     data = json.loads(js.read_text())
     assert data["tiny_bundle"] and data["units"] and set(data["timings_s"]) >= {"load", "units", "prefill+decode", "vocoder"}
+    assert data["engine"] == {"step_variant": "fused", "cuda_graphs": False, "step_race": None}  # no race on the CPU
     wav, sr = sf.read(out)
     assert sr == 16000 and wav.ndim == 1 and len(wav) > 0
 
