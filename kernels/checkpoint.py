@@ -96,13 +96,7 @@ class LlamaArch:
     @classmethod
     def from_config_json(cls, path: Path | str) -> "LlamaArch":
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing; a LLaMA model directory needs config.json")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_config(cfg, str(path))
+        return cls.from_hf_config(_read_json(path, "a LLaMA model directory needs config.json"), str(path))
 
     def to_hf_config(self) -> dict:
         """config.json content in the release's style (transformers 4.29 field names)."""
@@ -162,6 +156,16 @@ SPEECHGPT_7B = LlamaArch(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Weight files
+
+
+def _read_json(path: Path, needed_because: str):
+    """A required JSON file's contents; CheckpointError naming the file if it is missing or not JSON."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {needed_because}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def _torch_load(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
@@ -278,12 +282,7 @@ class LoraAdapter:
     def load(cls, adapter_dir: Path | str) -> "LoraAdapter":
         d = Path(adapter_dir)
         cfg_path = d / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path}: missing; a LoRA adapter directory needs adapter_config.json")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        cfg = _read_json(cfg_path, "a LoRA adapter directory needs adapter_config.json")
         for k in ("r", "lora_alpha"):
             if not isinstance(cfg.get(k), (int, float)) or cfg[k] <= 0:
                 raise CheckpointError(f"{cfg_path}: field {k!r} must be a positive number, got {cfg.get(k)!r}")
