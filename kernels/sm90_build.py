@@ -125,35 +125,19 @@ def build_report() -> dict:
                          {"P": pairs, "BLOCK_K": bk, "EVEN_K": True, "USE_GDC": pdl},
                          ["x_ptr", "g_ptr", "w_ptr", "out_ptr", "stride_wn", "K", "INTER"], nw, pdl)
             add(f"norm_gate_up_silu[{2 * pairs}x{bk},w{nw}]/{tag}", k, 2 * 2 * pairs * bk, nw)
-        k = _compile(
-            _decode_attn_split_kernel,
-            {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32", "counter_ptr": "*i32",
-             "out_ptr": BF16, "qk_scale": "fp32"},
-            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": False, "PREFETCH": False,
-             "USE_GDC": pdl},
-            ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "stride_qh", "stride_kh", "stride_ks", "stride_vh",
-             "stride_vs", "stride_oh"],
-            4, pdl)  # fmt: skip
-        add(f"decode_attention_split/{tag}", k, None, 4)
-        k = _compile(
-            _decode_attn_split_kernel,
-            {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32",
-             "counter_ptr": "*i32", "out_ptr": BF16, "qk_scale": "fp32"},
-            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": True, "PREFETCH": False, "USE_GDC": pdl},
-            ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "stride_qh", "stride_kh", "stride_ks", "stride_vh",
-             "stride_vs", "stride_oh"],
-            4, pdl)  # fmt: skip
-        add(f"decode_attention_one_launch/{tag}", k, None, 4)
-        k = _compile(
-            _decode_attn_split_kernel,
-            {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32",
-             "counter_ptr": "*i32", "out_ptr": BF16, "pf_ptr": "*u8", "qk_scale": "fp32"},
-            {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": True, "PREFETCH": True,
-             "USE_GDC": pdl},
-            ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "pf_ptr", "stride_qh", "stride_kh", "stride_ks",
-             "stride_vh", "stride_vs", "stride_oh"],
-            4, pdl)  # fmt: skip
-        add(f"decode_attention_one_launch_l2_prefetch/{tag}", k, None, 4)
+        # The split kernel in its three modes: two-launch (plain split), one-launch, one-launch with L2 prefetch.
+        for name, one_launch, prefetch in (("decode_attention_split", False, False), ("decode_attention_one_launch", True, False),
+                                           ("decode_attention_one_launch_l2_prefetch", True, True)):
+            k = _compile(
+                _decode_attn_split_kernel,
+                {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "seq_len_ptr": "*i32", "scratch_ptr": "*fp32",
+                 "counter_ptr": "*i32", "out_ptr": BF16, "pf_ptr": "*u8", "qk_scale": "fp32"},
+                {"GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32, "ONE_LAUNCH": one_launch,
+                 "PREFETCH": prefetch, "USE_GDC": pdl},
+                ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "out_ptr", "pf_ptr", "stride_qh", "stride_kh", "stride_ks",
+                 "stride_vh", "stride_vs", "stride_oh"],
+                4, pdl)  # fmt: skip
+            add(f"{name}/{tag}", k, None, 4)
         k = _compile(_decode_attn_combine_kernel, {"scratch_ptr": "*fp32", "out_ptr": BF16},
                      {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32, "USE_GDC": pdl}, ["scratch_ptr", "out_ptr", "stride_oh"], 4, pdl)
         add(f"decode_attention_combine/{tag}", k, None, 4)
