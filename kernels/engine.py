@@ -728,6 +728,12 @@ class DecodeStream:
             logits[:start] = float("-inf")
         return logits
 
+    def _draw_first_token(self) -> None:
+        """Token 0 comes from the prefill's logits (into state.token_out, on the device); later ones from steps."""
+        self.engine._sample_into_state(self._first_logits(), self.params)
+        if self.speech_mode:
+            self.engine._update_span_flag()
+
     def _accept(self, token: int) -> bool:
         """Record a token; True when decoding must stop after it."""
         self.tokens.append(token)
@@ -752,9 +758,7 @@ class DecodeStream:
             self.stop_reason = "length"
             return
         try:
-            eng._sample_into_state(self._first_logits(), self.params)
-            if self.speech_mode:
-                eng._update_span_flag()
+            self._draw_first_token()
             while True:
                 token = int(eng.state.token_out[0])
                 stop = self._accept(token)
@@ -783,9 +787,7 @@ class DecodeStream:
             events[slot].record(stream)
 
         try:
-            eng._sample_into_state(self._first_logits(), self.params)  # token 0, from the prefill logits
-            if self.speech_mode:
-                eng._update_span_flag()
+            self._draw_first_token()
             publish(0)
             i = 0
             while True:
