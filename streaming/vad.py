@@ -36,6 +36,9 @@ Decisions (and why):
 - Audio: `SpeechStarted.pre_roll` is the audio just before the onset; from the onset on, every sample of
   the turn, including its pauses and the trailing silence up to `decided_at`, arrives in `SpeechAudio`
   events (16 kHz mono float32, contiguous), so the unit extractor sees the turn exactly once.
+- Tentative end of turn (`pause_silence_s`, off by default): once the offset is final and that much silence
+  follows it, `SpeechPaused` (an agent may start its reply); speech resuming in the same turn gives
+  `SpeechResumed`, and otherwise the `SpeechEnded` that follows carries the same offset.
 - Interruption: while `set_agent_speaking(True)` is in effect, heard time inside a turn is added up; once it
   reaches `min_interruption_s`, one `Interruption` is emitted for that turn. Stopping the agent resets the count.
 - Bad frames (wrong dtype/width, NaN/Inf, zero length, channel or sample-rate change, a timestamp equal to
@@ -100,6 +103,9 @@ class VadConfig:
     min_speech_s: float = 0.12  # voiced time within `onset_window_s` needed to start (or resume) a turn
     onset_window_s: float = 0.3  # the ring of recent decisions the N-of-M rule looks at
     end_of_turn_silence_s: float = 0.5  # silence after the offset that ends a turn (TurnModel may change it)
+    # silence after the offset that makes a tentative end of turn (SpeechPaused; SpeechResumed if speech comes
+    # back before the end): lets an agent start its reply early. None = no tentative ends.
+    pause_silence_s: float | None = None
     max_turn_s: float = 30.0  # a turn is ended this long after its onset
     min_interruption_s: float = 0.5  # voiced time while the agent speaks before Interruption fires
     warmup_s: float = 0.2  # first non-silent audio that cannot start a turn alone (webrtcvad settling)
@@ -122,6 +128,10 @@ class VadConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 bad(name, "a finite number >= 0")
+        if self.pause_silence_s is not None and not (
+            isinstance(self.pause_silence_s, (int, float)) and math.isfinite(self.pause_silence_s) and self.pause_silence_s >= 0
+        ):
+            bad("pause_silence_s", "None or a finite number >= 0")
         for name in ("min_speech_s", "onset_window_s", "max_turn_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -195,6 +205,24 @@ class SpeechEnded:
 
 
 @dataclass(frozen=True)
+class SpeechPaused:
+    """A tentative end of turn: `pause_silence_s` of silence after `offset` (final as placed), noticed at
+    `detected_at`. Either SpeechEnded follows with this same offset, or SpeechResumed does."""
+
+    onset: float
+    offset: float
+    detected_at: float
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Speech came back after a SpeechPaused, inside the same turn (detected at the end of `detected_at`'s frame)."""
+
+    onset: float
+    detected_at: float
+
+
+@dataclass(frozen=True)
 class Interruption:
     """The user has spoken for `speech_s` (>= min_interruption_s) while the agent was speaking (barge-in)."""
 
@@ -211,7 +239,7 @@ class FrameRejected:
     timestamp: float | None
 
 
-VadEvent = Union[SpeechStarted, SpeechAudio, SpeechEnded, Interruption, FrameRejected]
+VadEvent = Union[SpeechStarted, SpeechAudio, SpeechPaused, SpeechResumed, SpeechEnded, Interruption, FrameRejected]
 
 
 # ---- the seam for a smarter turn model ----------------------------------------------------------------------
@@ -261,6 +289,7 @@ class _Turn:
     offset_final: bool = False
     wait_s: float = 0.0
     wait_reason: str = "silence"
+    paused: bool = False  # a SpeechPaused was emitted for the current silence
     audio: list[np.ndarray] = field(default_factory=list)
 
 
@@ -388,10 +417,18 @@ class VadDetector:
         elif voiced and self._voiced_in_ring(turn.last_voiced_end) >= cfg.min_speech_frames:
             turn.trailing = False  # speech resumed
             turn.last_voiced_end = t1
+            if turn.paused:
+                turn.paused = False
+                events.append(SpeechResumed(turn.onset, t1))
         elif not turn.offset_final:
             self._update_offset(turn, t1)
 
-        if turn.trailing and t1 - turn.offset >= turn.wait_s - 1e-9:
+        ending = turn.trailing and t1 - turn.offset >= turn.wait_s - 1e-9
+        if (turn.trailing and not turn.paused and not ending and cfg.pause_silence_s is not None and turn.offset_final
+                and t1 - turn.offset >= cfg.pause_silence_s - 1e-9):
+            turn.paused = True
+            events.append(SpeechPaused(turn.onset, turn.offset, t1))
+        if ending:
             self._end_turn(turn.offset, t1, turn.wait_reason, turn.last_voiced_end, events)
         elif t1 - turn.onset >= cfg.max_turn_s - 1e-9:
             offset = turn.offset if turn.trailing else t1

@@ -17,6 +17,8 @@ from streaming.vad import (
     SilenceContext,
     SpeechAudio,
     SpeechEnded,
+    SpeechPaused,
+    SpeechResumed,
     SpeechStarted,
     VadConfig,
     VadDetector,
@@ -308,6 +310,25 @@ def test_a_long_end_silence_joins_the_two_turns():
     assert_turns_match(events, labels)
 
 
+def test_tentative_end_of_turn_pauses_and_resumes():
+    """A pause inside the turn gives SpeechPaused then SpeechResumed; the final pause gives SpeechPaused with the
+    offset SpeechEnded then reports, pause_silence_s after it."""
+    audio, rate, labels = load("two_turns.wav")
+    audio = np.concatenate([audio, np.zeros(rate, np.int16)])
+    events = run(VadDetector(VadConfig(end_of_turn_silence_s=1.5, pause_silence_s=0.2)), audio, rate)
+    marks = [e for e in events if isinstance(e, (SpeechStarted, SpeechPaused, SpeechResumed, SpeechEnded))]
+    assert [type(e) for e in marks] == [SpeechStarted, SpeechPaused, SpeechResumed, SpeechPaused, SpeechEnded]
+    _, first_pause, resumed, last_pause, end = marks
+    assert abs(first_pause.offset - labels[0][1]) <= TOLERANCE_S
+    assert 0.2 - 1e-9 <= first_pause.detected_at - first_pause.offset <= 0.2 + 0.02 + 1e-9
+    assert first_pause.detected_at < resumed.detected_at < last_pause.offset
+    assert last_pause.offset == end.offset and last_pause.detected_at < end.decided_at
+    # off by default, and a pause as long as the end-of-turn silence never fires on its own
+    assert not any(isinstance(e, (SpeechPaused, SpeechResumed)) for e in run(VadDetector(), audio, rate))
+    events = run(VadDetector(VadConfig(end_of_turn_silence_s=0.5, pause_silence_s=0.5)), audio, rate)
+    assert not any(isinstance(e, SpeechPaused) for e in events) and len(turns_of(events)) == 2
+
+
 def test_max_turn_length_forces_an_end():
     audio, rate, labels = load("en_gb_slow.wav")
     events = run(VadDetector(VadConfig(max_turn_s=1.0)), audio, rate)
@@ -429,6 +450,13 @@ def test_a_broken_turn_model_falls_back_to_the_default(answer):
 
 
 # ---- config and the cost probe -------------------------------------------------------------------------------------
+def test_config_defaults_and_validation_of_the_pause():
+    assert VadConfig().pause_silence_s is None
+    for bad in (-0.1, float("nan"), "0.2"):
+        with pytest.raises(ValueError, match="pause_silence_s"):
+            VadConfig(pause_silence_s=bad)
+
+
 def test_config_defaults_and_validation():
     config = VadConfig()
     assert (config.aggressiveness, config.frame_ms, config.pre_roll_s, config.end_of_turn_silence_s,
