@@ -167,48 +167,78 @@ class DecodeEngine:
         graphs, warmup() replaces it by the fastest variant measured on this card that passes the check (tune_step).
         prefill_graphs: on CUDA with cuda_graphs, prefill by replaying one captured graph per token bucket
         (prefill_buckets; those longer than the cache are dropped); False = eager prefill."""
-        self.model = LlamaModel(weights, max_seq, unit_rows_start)
-        self.device = self.model.device
         self.tune = tune
         self.tune_report: dict | None = None  # what tune_step measured and chose
-        self.max_seq = self.model.max_seq
         self.sosp_id, self.eosp_id = unit_span_ids
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        dev = self.device
+        self._init_conversation(LlamaModel(weights, max_seq, unit_rows_start), cuda_graphs)
+        self.step_variant = StepVariant(fused=fused, pdl=pdl, one_launch_attention=one_launch_attention, l2_prefetch=l2_prefetch)
+        self.gemv_report: dict[str, dict] = {}
+        self.fused_report: dict[str, dict] = {}
+        if gemv not in ("torch", "triton", "auto"):
+            raise ValueError(f"gemv must be 'torch', 'triton' or 'auto', got {gemv!r}")
+        if self.device.type == "cuda" and gemv != "torch":
+            self._choose_gemv(force_triton=gemv == "triton")
+        if self.device.type == "cuda" and gemv == "auto":
+            self._choose_fused_configs()
+        if any(int(b) < 1 for b in prefill_buckets):
+            raise ValueError(f"prefill_buckets must be positive token counts, got {tuple(prefill_buckets)}")
+        self.prefill_buckets = tuple(sorted({int(b) for b in prefill_buckets if int(b) <= self.max_seq}))
+        # The bucketed (static-shape) prefill; off CUDA graphs it runs eagerly, which tests use to check the chunking.
+        self.prefill_graphs = prefill_graphs
+        self.prefill_bucketed = self.use_graphs and prefill_graphs and bool(self.prefill_buckets)
+        self._init_prefill_buffers()
+
+    def _init_conversation(self, model: LlamaModel, cuda_graphs: bool) -> None:
+        """What one conversation owns: the model's KV cache and decode buffers, the sampler state, the device
+        position, the CUDA graphs and their pool, the lock (shared with nothing; see fork)."""
+        self.model = model
+        self.device = dev = model.device
+        self.max_seq = model.max_seq
+        self.cuda_graphs = cuda_graphs
+        self.use_graphs = cuda_graphs and dev.type == "cuda"
         self.state = SamplerState.create(dev)
         self.pos_dev = torch.zeros(1, dtype=torch.int32, device=dev)  # where the next token's K/V goes
         self.seq_len_dev = torch.zeros(1, dtype=torch.int32, device=dev)
         self.span_open = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.sampling_scratch = sampling_scratch(weights.arch.vocab_size, dev) if dev.type == "cuda" else None
+        self.sampling_scratch = sampling_scratch(model.arch.vocab_size, dev) if dev.type == "cuda" else None
         self._pos = 0  # host mirror: tokens in the cache
         self._last_logits: torch.Tensor | None = None  # logits after the last prefilled token
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._cpu_generator: torch.Generator | None = None
         self._lock = threading.Lock()  # one decode at a time
-        self.step_variant = StepVariant(fused=fused, pdl=pdl, one_launch_attention=one_launch_attention, l2_prefetch=l2_prefetch)
         self.pending_token: int | None = None  # last token decoded but not yet fed to the model
-        self.gemv_report: dict[str, dict] = {}
-        self.fused_report: dict[str, dict] = {}
-        if gemv not in ("torch", "triton", "auto"):
-            raise ValueError(f"gemv must be 'torch', 'triton' or 'auto', got {gemv!r}")
-        if dev.type == "cuda" and gemv != "torch":
-            self._choose_gemv(force_triton=gemv == "triton")
-        if dev.type == "cuda" and gemv == "auto":
-            self._choose_fused_configs()
         if self.use_graphs:
             self._host_tokens = torch.zeros(2, dtype=torch.int64, pin_memory=True)
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
-        if any(int(b) < 1 for b in prefill_buckets):
-            raise ValueError(f"prefill_buckets must be positive token counts, got {tuple(prefill_buckets)}")
-        self.prefill_buckets = tuple(sorted({int(b) for b in prefill_buckets if int(b) <= self.max_seq}))
-        # The bucketed (static-shape) prefill; off CUDA graphs it runs eagerly, which tests use to check the chunking.
-        self.prefill_bucketed = self.use_graphs and prefill_graphs and bool(self.prefill_buckets)
+
+    def _init_prefill_buffers(self) -> None:
+        dev = self.device
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._prefill_tokens = torch.zeros(max(self.prefill_buckets, default=1), dtype=torch.long, device=dev)
         self._prefill_start = torch.zeros(1, dtype=torch.long, device=dev)  # advanced by each chunk on the device
         self._prefill_n = torch.zeros(1, dtype=torch.long, device=dev)  # valid tokens in the current chunk
-        self._prefill_logits = torch.empty(weights.arch.vocab_size, dtype=torch.float32, device=dev)
+        self._prefill_logits = torch.empty(self.model.arch.vocab_size, dtype=torch.float32, device=dev)
+
+    def fork(self) -> "DecodeEngine":
+        """A new engine for another conversation over the same weight tensors (no copy), with every load-time
+        decision of this one reused as it stands, nothing measured again: GEMV and fused-kernel configs (and their
+        reports), the step variant and tune_report, prefill buckets, max_seq, the speech head's rows and span ids,
+        the graph flags. The fork never races step variants (tune is off: fork after warmup() to share the race's
+        choice); its warmup() only captures its own graphs. It owns its KV cache, decode buffers, sampler state,
+        position, CUDA graphs, graph pool and lock, so forks prefill and decode independently (from different
+        threads too)."""
+        src = self.model
+        twin = object.__new__(type(self))
+        twin.tune, twin.tune_report = False, self.tune_report
+        twin.sosp_id, twin.eosp_id = self.sosp_id, self.eosp_id
+        twin._init_conversation(LlamaModel(src.w, src.max_seq, src.unit_rows_start), self.cuda_graphs)
+        twin.model.gemv_choice, twin.model.fused_choice = dict(src.gemv_choice), dict(src.fused_choice)
+        twin.step_variant = self.step_variant
+        twin.gemv_report, twin.fused_report = self.gemv_report, self.fused_report
+        twin.prefill_buckets, twin.prefill_graphs, twin.prefill_bucketed = self.prefill_buckets, self.prefill_graphs, self.prefill_bucketed
+        twin._init_prefill_buffers()
+        return twin
 
     def _choose_gemv(self, force_triton: bool) -> None:
         from kernels.gemv import AUTO_CONFIGS, default_config

@@ -425,3 +425,94 @@ def test_step_variants_name_themselves_and_hopper_only_ones_refuse_the_cpu(tiny_
     assert eng.step_variant == StepVariant(fused=False)
     with pytest.raises(ValueError, match="l2_prefetch needs a CUDA device"):
         new_engine(tiny_llm, l2_prefetch=True)
+
+
+def _decode_alone(tiny_llm, turns, seed):
+    """Tokens a fresh engine gives for these turns (each prompt prefilled after the last answer, then decoded)."""
+    eng = new_engine(tiny_llm)
+    out = []
+    for prompt in turns:
+        eng.prefill(prompt)
+        out.append(list(eng.decode(SPEECHGPT_SAMPLING, seed=seed, max_new_tokens=10, stop_ids=())))
+    return out
+
+
+def test_forks_interleaved_give_the_tokens_each_gives_alone(tiny_llm):
+    """Two forks of one engine, prefilled and decoded in alternation (a few tokens of one stream, then of the
+    other), over two turns each: every stream equals a fresh engine running that conversation alone."""
+    tok = tiny_llm[0]
+    turns = {"a": [speech_prompt(tok, 10, n=20), tok.encode("next", add_bos=False)],
+             "b": [speech_prompt(tok, 11, n=30), tok.encode("and then", add_bos=False)]}
+    seeds = {"a": 5, "b": 6}
+    parent = new_engine(tiny_llm)
+    engines = {"a": parent.fork(), "b": parent.fork()}
+    got = {name: [] for name in engines}
+    for turn in range(2):
+        streams = {}
+        for name, eng in engines.items():
+            eng.prefill(turns[name][turn])
+        for name, eng in engines.items():
+            streams[name] = eng.decode(SPEECHGPT_SAMPLING, seed=seeds[name], max_new_tokens=10, stop_ids=())
+            got[name].append([])
+        for chunk in (3, 1, 4, 2):
+            for name, stream in streams.items():
+                got[name][-1] += [next(stream) for _ in range(chunk)]
+        for stream in streams.values():
+            assert list(stream) == [] and stream.stop_reason == "length"
+    for name in engines:
+        assert got[name] == _decode_alone(tiny_llm, turns[name], seeds[name]), name
+    assert parent.pos == 0  # the parent's own conversation is untouched
+
+
+def test_forks_decode_from_two_threads(tiny_llm):
+    import threading
+
+    tok = tiny_llm[0]
+    prompts = [speech_prompt(tok, 12 + i, n=20) for i in range(2)]
+    parent = new_engine(tiny_llm)
+    forks = [parent, parent.fork()]
+    got: list[list[int] | None] = [None, None]
+
+    def run(i: int) -> None:
+        forks[i].prefill(prompts[i])
+        got[i] = list(forks[i].decode(SPEECHGPT_SAMPLING, seed=i, max_new_tokens=10, stop_ids=()))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [_decode_alone(tiny_llm, [p], i)[0] for i, p in enumerate(prompts)]
+
+
+def test_fork_shares_weights_not_state(tiny_llm):
+    parent = new_engine(tiny_llm, max_seq=96, prefill_buckets=(16, 32))
+    fork = parent.fork()
+    w, fw = parent.model.w, fork.model.w
+    assert fw is w and fw.embed.data_ptr() == w.embed.data_ptr() and fw.lm_head.data_ptr() == w.lm_head.data_ptr()
+    assert all(a.wqkv.data_ptr() == b.wqkv.data_ptr() and a.w_down.data_ptr() == b.w_down.data_ptr()
+               for a, b in zip(w.layers, fw.layers))
+    own = lambda e: [e.model.cache.k, e.model.cache.v, e.model.logits, e.model.hidden, e.model.q_buf, e.model.act_buf,  # noqa: E731
+                     e.model.attn_scratch, e.state.token_out, e.state.offset, e.pos_dev, e.span_open, e._prefill_tokens]
+    assert not {t.data_ptr() for t in own(parent)} & {t.data_ptr() for t in own(fork)}
+    assert fork._lock is not parent._lock and fork.model is not parent.model
+    assert (fork.max_seq, fork.prefill_buckets, fork.model.unit_rows_start, (fork.sosp_id, fork.eosp_id)) == (
+        96, (16, 32), parent.model.unit_rows_start, (parent.sosp_id, parent.eosp_id))
+    parent.prefill([1, 5, 7])
+    assert fork.pos == 0 and not fork.model.cache.k.any()
+
+
+def test_fork_of_a_tuned_engine_keeps_its_variant_and_reports(tiny_llm):
+    from kernels.engine import STEP_VARIANTS
+
+    parent = _tuned_engine(tiny_llm, speech_prompt(tiny_llm[0], 13, n=10))
+    report = parent.tune_step(candidates=[STEP_VARIANTS["unfused"]], steps=2, rounds=1)
+    assert report["chosen"] == "unfused"
+    parent.model.fused_choice["qkv"] = "a config"  # stand-ins for what gemv="auto" measures on CUDA
+    parent.gemv_report["head"] = {"choice": "torch"}
+    fork = parent.fork()
+    assert fork.step_variant == STEP_VARIANTS["unfused"] and fork.tune_report is report and not fork.tune
+    assert fork.model.fused_choice == {"qkv": "a config"} and fork.gemv_report == {"head": {"choice": "torch"}}
+    assert fork.cuda_graphs == parent.cuda_graphs and fork.prefill_bucketed == parent.prefill_bucketed
+    fork.step_variant = STEP_VARIANTS["fused"]  # a fork's variant is its own
+    assert parent.step_variant == STEP_VARIANTS["unfused"]
