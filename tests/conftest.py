@@ -29,8 +29,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
-    """The tiny random-weight bundle (release layout), written once per test session."""
+    """The tiny random-weight bundle (release layout), written once per test session (or, for quick local
+    iterations, one written before with `speechgpt-rt make-tiny DIR` and named by SPEECHGPT_RT_TINY_BUNDLE)."""
+    from pathlib import Path
+
     from agent.tiny import make_tiny_bundle
+
+    if os.environ.get("SPEECHGPT_RT_TINY_BUNDLE") and not os.environ.get("CI"):
+        return Path(os.environ["SPEECHGPT_RT_TINY_BUNDLE"])
 
     return make_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"), seed=0, log=None)
 
