@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": _machine(devices),
         "model": {"parameters": params, "config": "release (speechgpt.md D.1), random weights", "units": n_units,
-                  "frames": int(expanded.size), "audio_s": audio_s, "receptive_field": rf.__dict__},
+                  "frames": int(expanded.size), "audio_s": audio_s, "receptive_field": rf.to_dict()},
         "whole_utterance_torch_cpu_ms": whole_cpu_ms,
         "export": export_info,
         "rows": rows,

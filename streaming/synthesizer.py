@@ -32,56 +32,9 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Litera
 import numpy as np
 
 from streaming.frames import AudioFrame, float32_to_int16, int16_to_float32
+from streaming.vocoder_types import ReceptiveField, validate_units
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------ input checks
-
-
-def validate_units(units: Any, num_embeddings: int, *, allow_empty: bool = False, offset: int = 0) -> np.ndarray:
-    """Unit ids -> 1-D int64 array; a clear ValueError for anything that is not a valid id, naming value and position.
-
-    `offset` is added to positions in messages (the position in the whole reply when validating a burst).
-    """
-    array = np.asarray(units)
-    if array.ndim == 0:
-        array = array.reshape(1)
-    if array.ndim == 2 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 1:
-        raise ValueError(f"unit ids must be a 1-D sequence, got shape {list(array.shape)}")
-    if array.size == 0:
-        if allow_empty:
-            return np.zeros(0, dtype=np.int64)
-        raise ValueError("empty unit sequence: at least one unit id is needed")
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-        position = 0
-        if np.issubdtype(array.dtype, np.floating):
-            fractional = np.flatnonzero(~np.isfinite(array) | (array != np.floor(array)))
-            position = int(fractional[0]) if fractional.size else 0
-        raise ValueError(
-            f"unit id {array[position].item()!r} at position {position + offset} is not an integer "
-            f"(unit ids must be ints, got dtype {array.dtype})"
-        )
-    bad = np.flatnonzero((array < 0) | (array >= num_embeddings))
-    if bad.size:
-        position = int(bad[0])
-        raise ValueError(
-            f"unit id {int(array[position])} at position {position + offset} is out of range [0, {num_embeddings})"
-            + (f" ({bad.size} bad ids in all)" if bad.size > 1 else "")
-        )
-    return array.astype(np.int64, copy=False)
-
-
-@dataclass(frozen=True)
-class ReceptiveField:
-    """Context needed for exact chunked synthesis (speechgpt.md D.4)."""
-
-    left_frames: int  # expanded frames before a frame that its audio depends on
-    right_frames: int  # expanded frames after it
-    duration_left_units: int  # units before a unit that its duration depends on
-    duration_right_units: int
 
 
 # ---------------------------------------------------------------------------------------------------- backends
@@ -208,9 +161,7 @@ class OnnxBackend:
 
         self.runtime = OnnxVocoderRuntime(onnx_dir, device=device, intra_op_threads=threads,
                                           use_cuda_graph=use_cuda_graph, load_fixed=load_fixed)
-        rf = self.runtime.receptive_field
-        self.receptive_field = ReceptiveField(int(rf["left_frames"]), int(rf["right_frames"]),
-                                              int(rf["duration_left_units"]), int(rf["duration_right_units"]))
+        self.receptive_field = self.runtime.receptive_field
         self.sample_rate = self.runtime.sample_rate
         self.hop_size = self.runtime.hop_size
         self.num_embeddings = self.runtime.num_embeddings

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streaming.synthesizer import ReceptiveField, validate_units
+from streaming.vocoder_types import ReceptiveField, validate_units
 
 log = logging.getLogger(__name__)
 

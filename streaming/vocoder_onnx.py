@@ -8,8 +8,8 @@ Exported files (all self-contained: weights inside each .onnx, no .onnx.data):
   For each chunk size F two windows: F + left + right frames (steady state) and F + right (utterance start).
 - `vocoder_onnx.json`: receptive field, hop, sample rate, window sizes, file names, versions.
 
-This module imports only numpy/json at load time: a process that serves the exported model needs onnxruntime and
-numpy, not torch (torch is imported inside the export functions).
+This module imports only numpy/json (and the numpy-only `streaming.vocoder_types`) at load time: a process that
+serves the exported model needs onnxruntime and numpy, not torch (torch is imported inside the export functions).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from streaming.vocoder_types import ReceptiveField
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +229,7 @@ def export_vocoder(
         "sample_rate": config.sampling_rate,
         "hop_size": config.code_hop_size,
         "num_embeddings": config.num_embeddings,
-        "receptive_field": {
-            "left_frames": rf.left_frames,
-            "right_frames": rf.right_frames,
-            "duration_left_units": rf.duration_left_units,
-            "duration_right_units": rf.duration_right_units,
-        },
+        "receptive_field": rf.to_dict(),
         "duration_predictor": {"file": DURATION_FILE, "input": "units", "outputs": ["log_durations", "durations"]},
         "generator": {"file": GENERATOR_FILE, "input": "expanded_units", "output": "audio", "dynamic_axis": FRAMES_DIM},
         "fixed_generators": fixed,
@@ -344,6 +341,7 @@ class OnnxVocoderRuntime:
     load_fixed: bool | None = None  # default: on CUDA only
     device_id: int = 0
     metadata: dict[str, Any] = field(init=False)
+    receptive_field: ReceptiveField = field(init=False)
     providers: dict[str, list[str]] = field(init=False, default_factory=dict)
     notes: list[str] = field(init=False, default_factory=list)
 
@@ -360,6 +358,8 @@ class OnnxVocoderRuntime:
                 f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                 f"(available: {ort.get_available_providers()})"
             )
+        self.receptive_field = ReceptiveField.from_dict(self.metadata.get("receptive_field"),
+                                                        source=str(self.onnx_dir / METADATA_NAME))
         self.hop_size = int(self.metadata["hop_size"])
         self.sample_rate = int(self.metadata["sample_rate"])
         self.num_embeddings = int(self.metadata["num_embeddings"])
@@ -466,10 +466,6 @@ class OnnxVocoderRuntime:
     @property
     def cuda_graph_windows(self) -> tuple[int, ...]:
         return tuple(sorted(w for w, f in self._fixed.items() if f.cuda_graph))
-
-    @property
-    def receptive_field(self) -> dict[str, int]:
-        return dict(self.metadata["receptive_field"])
 
     def durations(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(T,) int64 units -> ((T,) float32 log durations, (T,) int64 durations)."""

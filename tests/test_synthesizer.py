@@ -86,7 +86,7 @@ class SentinelBackend:
     name, provider, sample_rate, hop_size, num_embeddings = "sentinel", "numpy", 16000, 320, 1000
 
     def __init__(self, fixed_windows=()):
-        from streaming.synthesizer import ReceptiveField
+        from streaming.vocoder_types import ReceptiveField
 
         self.receptive_field = ReceptiveField(21, 21, 2, 2)
         self.fixed_windows = tuple(fixed_windows)
@@ -433,3 +433,65 @@ def test_exact_mode_on_cuda(tiny, onnx_dir, kind):
                 assert float(np.abs(audio - tiny.synthesize(units)).max()) <= 1e-4
                 if length == 70:
                     assert any(t.fixed_window for t in synth.timings)
+
+
+def test_synthesizer_and_onnx_runtime_import_without_torch():
+    """The ONNX serving path must not need torch, and importing the synthesizer must not pull in either vocoder."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+        "import streaming.synthesizer\n"
+        "loaded = sorted(m for m in ('streaming.vocoder', 'streaming.vocoder_onnx') if m in sys.modules)\n"
+        "assert not loaded, f'import streaming.synthesizer loaded {loaded}'\n"
+        "import streaming.vocoder_onnx\n"
+        "assert 'streaming.vocoder' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _streaming_imports() -> dict[str, set[str]]:
+    """streaming module -> the streaming modules it imports anywhere in its source (module level or in functions)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "streaming"
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        name = f"streaming.{path.stem}"
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names if alias.name.startswith("streaming."))
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module == "streaming":
+                    targets.update(f"streaming.{alias.name}" for alias in node.names)
+                elif node.module.startswith("streaming."):
+                    targets.add(node.module)
+        graph[name] = targets - {name, "streaming.__init__"}
+    return graph
+
+
+def test_streaming_modules_import_each_other_without_cycles():
+    """Lazy imports included: a cycle (as synthesizer <-> vocoder once was) means the layering is wrong."""
+    graph = _streaming_imports()
+    assert "streaming.synthesizer" not in graph["streaming.vocoder"]
+    assert "streaming.vocoder_onnx" not in graph["streaming.vocoder"]
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                cycle = path[path.index(target):] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -105,6 +105,23 @@ def test_runtime_reports_cpu_provider(runtime):
     assert runtime.fixed_windows == (25, 29, 46, 50)
 
 
+def test_runtime_receptive_field_is_the_torch_dataclass(tiny, runtime):
+    assert type(runtime.receptive_field) is type(tiny.receptive_field)
+    assert runtime.receptive_field == tiny.receptive_field
+
+
+def test_bad_receptive_field_in_metadata_is_named(exported, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in exported.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    meta = json.loads((copy / METADATA_NAME).read_text())
+    meta["receptive_field"]["right_frames"] = "21"
+    (copy / METADATA_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"vocoder_onnx\.json: receptive_field\.right_frames must be an int"):
+        OnnxVocoderRuntime(copy, device="cpu", load_fixed=False)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallback detection")
 def test_cuda_request_without_gpu_is_reported(exported):
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
