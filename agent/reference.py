@@ -16,25 +16,10 @@ import torch
 from agent.bundle import BundlePaths
 from agent.generation import SPEECHGPT_MAX_NEW_TOKENS, GenerationResult, TokenGenerator, open_llm
 from agent.tokenizer import SpeechGPTTokenizer
-from kernels.checkpoint import LlamaArch
+from kernels.hf_reference import build_hf_llama
 from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams, sample_reference
 
 __all__ = ["SPEECHGPT_MAX_NEW_TOKENS", "SPEECHGPT_SAMPLING", "GenerationResult", "ReferenceGenerator", "build_hf_llama"]
-
-
-def build_hf_llama(arch: LlamaArch, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device):
-    """A transformers LlamaForCausalLM for `arch` whose parameters are `state_dict`'s tensors (assigned, not copied,
-    where dtype and device already match; no random initialisation)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**{k: v for k, v in arch.to_hf_config().items() if k != "torch_dtype"})
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    # Buffers that are not in the state dict (rotary inv_freq) were created on meta: rebuild them on the device.
-    with torch.device(device):
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    return model.to(device).eval()
 
 
 class ReferenceGenerator(TokenGenerator):

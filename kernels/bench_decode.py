@@ -174,7 +174,7 @@ class CompiledBaseline:
 
 def hf_model_sharing(w: LlamaWeights):
     """A transformers LlamaForCausalLM whose parameters are views of `w` (no second copy of the weights)."""
-    from agent.reference import build_hf_llama
+    from kernels.hf_reference import build_hf_llama
 
     return build_hf_llama(w.arch, w.hf_views(), w.dtype, w.device)
 
