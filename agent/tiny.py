@@ -222,9 +222,7 @@ def write_tiny_llm(out_dir: Path, seed: int, cfg: TinyTrainConfig = TinyTrainCon
 
 def make_tiny_bundle(out_dir: Path | str, seed: int = 0, log=print) -> Path:
     """Write every file of the tiny bundle (release layout) into out_dir."""
-    from streaming.hubert import TinyHubertSpec, write_tiny_hubert
-    from streaming.kmeans import write_tiny_kmeans
-    from streaming.vocoder import write_tiny_vocoder
+    from streaming.tiny_parts import TinyHubertSpec, write_tiny_hubert, write_tiny_kmeans, write_tiny_vocoder
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from streaming.synthesizer import OnnxBackend, StreamingSynthesizer, TorchBackend
-    from streaming.vocoder import RELEASE_CONFIG, random_vocoder
+    from streaming.tiny_parts import random_vocoder
+    from streaming.vocoder import RELEASE_CONFIG
     from streaming.vocoder_onnx import export_vocoder, fixed_windows_for_chunks
 
     started = time.perf_counter()

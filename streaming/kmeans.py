@@ -187,28 +187,3 @@ def save_converted_kmeans(quantizer: KMeansQuantizer | np.ndarray, out_dir: str 
     out = out_dir / CENTERS_FILE
     np.save(out, np.ascontiguousarray(centers, dtype=np.float32), allow_pickle=False)
     return out
-
-
-def tiny_centers(seed: int, dim: int, n_clusters: int = NUM_UNITS) -> np.ndarray:
-    """Deterministic float32 centres, N(0, 0.3^2) per dimension: small next to post-LN features (norm ~ sqrt(dim)),
-    so the nearest centre is decided by the feature's direction and a tiny model's frames spread over many units."""
-    return (0.3 * np.random.default_rng(seed).standard_normal((n_clusters, dim))).astype(np.float32)
-
-
-def write_tiny_kmeans(path: str | Path, seed: int, dim: int, n_clusters: int = NUM_UNITS) -> Path:
-    """A real `joblib.dump` of a fitted sklearn `MiniBatchKMeans` (as fairseq's learn_kmeans.py saves it) whose
-    `cluster_centers_` are then set to `tiny_centers(seed, dim)`. Needs scikit-learn + joblib (writing only)."""
-    import joblib
-    from sklearn.cluster import MiniBatchKMeans
-
-    rng = np.random.default_rng(seed)
-    data = rng.standard_normal((2 * n_clusters + 48, dim)).astype(np.float32)
-    km = MiniBatchKMeans(n_clusters=n_clusters, init="random", max_iter=2, batch_size=1024, compute_labels=False,
-                         tol=0.0, max_no_improvement=100, init_size=None, n_init=1, reassignment_ratio=0.0,
-                         random_state=seed)
-    km.fit(data)
-    km.cluster_centers_ = tiny_centers(seed, dim, n_clusters)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(km, path)
-    return path

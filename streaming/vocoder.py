@@ -79,14 +79,6 @@ RELEASE_CONFIG: dict[str, Any] = {
 }
 
 
-def tiny_release_config() -> dict[str, Any]:
-    """A small config in the release format: same rates/kernels (hop 320, same receptive field), fewer channels."""
-    cfg = json.loads(json.dumps(RELEASE_CONFIG))
-    cfg.update(upsample_initial_channel=32, embedding_dim=32, model_in_dim=32)
-    cfg["dur_predictor_params"].update(encoder_embed_dim=32, var_pred_hidden_dim=32)
-    return cfg
-
-
 class VocoderConfigError(ValueError):
     """config.json cannot describe a vocoder this module implements."""
 
@@ -111,7 +103,7 @@ class VocoderConfig:
     duration_kernel_size: int
     sampling_rate: int
     code_hop_size: int
-    # The parsed file as read, written back unchanged by save_converted / write_tiny_vocoder.
+    # The parsed file as read, written back unchanged by save_converted (and tiny_parts.write_tiny_vocoder).
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -699,73 +691,3 @@ def load_vocoder(
         model = load_release_checkpoint(weights, config, allow_unsafe_pickle=allow_unsafe_pickle)
     log.info("loaded %s vocoder from %s", kind, weights)
     return model.to(device)
-
-
-# ------------------------------------------------------------------------------------------ random / tiny models
-
-
-def random_release_state_dict(config: VocoderConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic random weights in the release layout (weight_g / weight_v), scaled so the audio is neither
-    silent nor saturated, with a duration predictor biased to give durations of about 1..4 frames."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = expected_release_shapes(config)
-
-    def normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=gen, dtype=torch.float32) * std
-
-    def uniform(shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float32)
-
-    state: dict[str, torch.Tensor] = {}
-    for key in sorted(shapes):  # fixed order: the same seed gives the same tensors
-        shape = shapes[key]
-        if key == "dict.weight":
-            state[key] = normal(shape, 1.0)
-        elif key.endswith(".weight_v"):
-            state[key] = normal(shape, 1.0)
-        elif key.endswith(".weight_g"):
-            if key.startswith("ups."):
-                # ConvTranspose norm is per input channel: each output sample sums ~C_in*k/u taps
-                stage = int(key.split(".")[1])
-                u = config.upsample_rates[stage]
-                state[key] = uniform(shape, 0.8, 1.2) * math.sqrt(u)
-            elif key.startswith("conv_post."):
-                state[key] = uniform(shape, 0.8, 1.2)
-            else:
-                state[key] = uniform(shape, 0.6, 1.0)
-        elif key.startswith("dur_predictor.") and key.endswith(("ln1.weight", "ln2.weight")):
-            state[key] = uniform(shape, 0.8, 1.2)
-        elif key.startswith("dur_predictor.") and key.endswith(("ln1.bias", "ln2.bias")):
-            state[key] = normal(shape, 0.1)
-        elif key == "dur_predictor.proj.weight":
-            state[key] = normal(shape, 0.35 / math.sqrt(shape[1]))
-        elif key == "dur_predictor.proj.bias":
-            state[key] = torch.full(shape, math.log(1.0 + 2.2))  # exp(log_dur) - 1 around 2.2 -> 1..4 frames
-        elif key.startswith("dur_predictor.") and key.endswith(".weight"):
-            state[key] = normal(shape, 1.0 / math.sqrt(shape[1] * shape[2]))
-        elif key.endswith(".bias"):
-            state[key] = normal(shape, 0.02)
-        else:
-            raise AssertionError(f"no init rule for {key}")
-    return state
-
-
-def random_vocoder(config: VocoderConfig | dict[str, Any], seed: int = 0) -> UnitVocoder:
-    """A UnitVocoder with random weights (e.g. the full-size release architecture for benchmarks)."""
-    if isinstance(config, dict):
-        config = VocoderConfig.from_dict(config)
-    state = random_release_state_dict(config, seed)
-    model = vocoder_from_release_state_dict(config, state, source=f"random(seed={seed})")
-    model.source = VocoderSource("random", None, None)
-    return model
-
-
-def write_tiny_vocoder(out_dir: Path, seed: int = 0, config: dict[str, Any] | None = None) -> None:
-    """Write `config.json` + `vocoder.pt` ({'generator': weight-normed state dict}) exactly in the release format."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = config if config is not None else tiny_release_config()
-    parsed = VocoderConfig.from_dict(raw, source="tiny config")
-    state = random_release_state_dict(parsed, seed)
-    torch.save({"generator": state}, out_dir / "vocoder.pt")
-    (out_dir / CONFIG_NAME).write_text(json.dumps(raw, indent=2) + "\n")

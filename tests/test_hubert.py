@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from streaming import hubert as H
 from streaming.fairseq_pickle import UnpicklingRefused, load_fairseq_checkpoint, plain_data, is_standin
+from streaming.tiny_parts import TinyHubertSpec, write_tiny_hubert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,7 +45,7 @@ def _speech_or_noise(seed: int, seconds: float = 2.0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    return H.write_tiny_hubert(tmp_path_factory.mktemp("hubert") / "tiny.pt", seed=1234)
+    return write_tiny_hubert(tmp_path_factory.mktemp("hubert") / "tiny.pt", seed=1234)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +185,8 @@ def test_chunking_is_independent_chunks_concatenated(reader, monkeypatch, tail):
 
 
 def test_normalize_flag_is_honoured(tmp_path):
-    raw = H.load_hubert(H.write_tiny_hubert(tmp_path / "raw.pt", seed=77, normalize=False))
-    norm = H.load_hubert(H.write_tiny_hubert(tmp_path / "norm.pt", seed=77, normalize=True))
+    raw = H.load_hubert(write_tiny_hubert(tmp_path / "raw.pt", seed=77, normalize=False))
+    norm = H.load_hubert(write_tiny_hubert(tmp_path / "norm.pt", seed=77, normalize=True))
     assert (raw.normalize, norm.normalize) == (False, True)
     # quiet input: conv0 outputs have variance well under GroupNorm's eps, so normalising the waveform matters
     wave16k = (1e-3 * np.random.default_rng(77).standard_normal(16000) + 2e-4).astype(np.float32)
@@ -197,10 +198,10 @@ def test_normalize_flag_is_honoured(tmp_path):
 
 @pytest.mark.parametrize("cfg_format", ["dict", "dictconfig", "args"])
 def test_cfg_formats_read_the_same(tmp_path, cfg_format):
-    path = H.write_tiny_hubert(tmp_path / f"{cfg_format}.pt", seed=5, cfg_format=cfg_format)
+    path = write_tiny_hubert(tmp_path / f"{cfg_format}.pt", seed=5, cfg_format=cfg_format)
     state = load_fairseq_checkpoint(path)
     settings = H.read_hubert_settings(state, str(path))
-    spec = H.TinyHubertSpec()
+    spec = TinyHubertSpec()
     assert settings.arch == H.HubertArchitecture((spec.conv_channels,) * 7, spec.embed_dim, spec.ffn_dim,
                                                  spec.attention_heads, spec.encoder_layers, spec.conv_pos,
                                                  spec.conv_pos_groups)
@@ -211,14 +212,14 @@ def test_cfg_formats_read_the_same(tmp_path, cfg_format):
     assert dictionary.symbols[:4] == ["<s>", "<pad>", "</s>", "<unk>"] and dictionary.indices["0"] == 4
     assert state["extra_state"]["metrics"]["default"]["loss"].val == 2.5
     wave16k = _speech_or_noise(5)
-    reference = H.load_hubert(H.write_tiny_hubert(tmp_path / "ref.pt", seed=5, cfg_format="dict"))
+    reference = H.load_hubert(write_tiny_hubert(tmp_path / "ref.pt", seed=5, cfg_format="dict"))
     assert torch.equal(H.load_hubert(path).features(wave16k), reference.features(wave16k))
 
 
 def test_tiny_writer_is_deterministic_and_cleans_up(tmp_path):
-    a = load_fairseq_checkpoint(H.write_tiny_hubert(tmp_path / "a.pt", seed=9))
-    b = load_fairseq_checkpoint(H.write_tiny_hubert(tmp_path / "b.pt", seed=9))
-    c = load_fairseq_checkpoint(H.write_tiny_hubert(tmp_path / "c.pt", seed=10))
+    a = load_fairseq_checkpoint(write_tiny_hubert(tmp_path / "a.pt", seed=9))
+    b = load_fairseq_checkpoint(write_tiny_hubert(tmp_path / "b.pt", seed=9))
+    c = load_fairseq_checkpoint(write_tiny_hubert(tmp_path / "c.pt", seed=10))
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert plain_data(a["cfg"]) == plain_data(b["cfg"])
@@ -246,7 +247,7 @@ def test_tiny_writer_is_deterministic_and_cleans_up(tmp_path):
     ],
 )
 def test_unsupported_variants_are_refused(tmp_path, override, field):
-    path = H.write_tiny_hubert(tmp_path / "bad.pt", seed=3, cfg_format="dict", model_overrides=override)
+    path = write_tiny_hubert(tmp_path / "bad.pt", seed=3, cfg_format="dict", model_overrides=override)
     with pytest.raises(H.UnsupportedCheckpoint, match=field) as info:
         H.load_hubert(path)
     assert str(path) in str(info.value)
@@ -254,7 +255,7 @@ def test_unsupported_variants_are_refused(tmp_path, override, field):
 
 def test_base_size_claims_are_checked(tmp_path):
     """A 768-d checkpoint must carry every mHuBERT base value (ffn 3072, 12 heads, conv_pos 128/16, 512 conv)."""
-    path = H.write_tiny_hubert(tmp_path / "fake_base.pt", seed=3, cfg_format="dict",
+    path = write_tiny_hubert(tmp_path / "fake_base.pt", seed=3, cfg_format="dict",
                                model_overrides={"encoder_embed_dim": 768, "encoder_ffn_embed_dim": 1024})
     with pytest.raises(H.UnsupportedCheckpoint, match="encoder_ffn_embed_dim=1024") as info:
         H.load_hubert(path)
@@ -386,7 +387,7 @@ def test_pickle_module_protocol_names_are_mapped():
 
 def test_cfg_interpolations_are_resolved(tmp_path):
     """Pickled DictConfigs keep "${...}" interpolations; the loader resolves them like fairseq does."""
-    path = H.write_tiny_hubert(tmp_path / "interp.pt", seed=4, cfg_format="dictconfig",
+    path = write_tiny_hubert(tmp_path / "interp.pt", seed=4, cfg_format="dictconfig",
                                model_overrides={"conv_pos": "${model.encoder_attention_heads}",
                                                 "encoder_layers": "${common.missing}"})
     state = load_fairseq_checkpoint(path)
@@ -395,5 +396,5 @@ def test_cfg_interpolations_are_resolved(tmp_path):
     from streaming.fairseq_pickle import resolve_interpolations
 
     cfg = resolve_interpolations(plain_data(state["cfg"]))
-    assert cfg["model"]["conv_pos"] == H.TinyHubertSpec().attention_heads
+    assert cfg["model"]["conv_pos"] == TinyHubertSpec().attention_heads
     assert cfg["model"]["encoder_layers"] == "${common.missing}"

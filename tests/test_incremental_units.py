@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from streaming.hubert import HOP, RECEPTIVE_FIELD, load_hubert, num_frames, write_tiny_hubert
+from streaming.hubert import HOP, RECEPTIVE_FIELD, load_hubert, num_frames
 from streaming.incremental_units import IncrementalConfig, IncrementalUnitExtractor, first_divergence
-from streaming.kmeans import dedup_units, load_kmeans, write_tiny_kmeans
+from streaming.kmeans import dedup_units, load_kmeans
+from streaming.tiny_parts import write_tiny_hubert, write_tiny_kmeans
 from streaming.units import UnitExtractor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

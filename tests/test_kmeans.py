@@ -21,9 +21,8 @@ from streaming.kmeans import (
     load_kmeans,
     run_lengths,
     save_converted_kmeans,
-    tiny_centers,
-    write_tiny_kmeans,
 )
+from streaming.tiny_parts import tiny_centers, write_tiny_kmeans
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

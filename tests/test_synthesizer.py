@@ -16,7 +16,8 @@ from streaming.synthesizer import (
     frames_to_audio,
     make_backend,
 )
-from streaming.vocoder import load_vocoder, write_tiny_vocoder
+from streaming.tiny_parts import write_tiny_vocoder
+from streaming.vocoder import load_vocoder
 from streaming.vocoder_onnx import export_vocoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -495,3 +496,10 @@ def test_streaming_modules_import_each_other_without_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_runtime_modules_do_not_import_the_tiny_writers():
+    """Random-weight writers and fake fairseq classes are for make-tiny, tests and benchmarks only."""
+    graph = _streaming_imports()
+    importers = sorted(module for module, targets in graph.items() if "streaming.tiny_parts" in targets)
+    assert all(module.startswith("streaming.bench_") for module in importers), importers

@@ -27,9 +27,8 @@ from streaming.vocoder import (
     load_vocoder,
     receptive_field,
     save_converted,
-    tiny_release_config,
-    write_tiny_vocoder,
 )
+from streaming.tiny_parts import tiny_release_config, write_tiny_vocoder
 
 HOP = 320
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from agent.cli import main as cli_main
-from streaming.vocoder import load_vocoder, save_converted, write_tiny_vocoder
+from streaming.tiny_parts import write_tiny_vocoder
+from streaming.vocoder import load_vocoder, save_converted
 from streaming.vocoder_onnx import (
     METADATA_NAME,
     OnnxVocoderRuntime,
