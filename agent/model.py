@@ -1,0 +1,79 @@
+"""What a process loads once and every conversation shares: `SpeechGPTModel`, with a `session()` factory.
+
+Per process: the LLM weights on the decode engine with every load-time decision (GEMV and fused-kernel configs,
+the step-variant race), the tokenizer, mHuBERT + k-means, and the vocoder backend. Per conversation (`Session`):
+its own KV cache, CUDA graphs and sampler state (`DecodeEngine.fork()` over the shared weights), its own VAD,
+incremental unit extractor and streaming synthesizer. The split follows LiveKit Agents' RealtimeModel /
+RealtimeSession: one heavy object, many light sessions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from agent.bundle import BundlePaths, resolve_bundle
+from agent.tokenizer import SpeechGPTTokenizer
+from kernels.engine import DecodeEngine
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    load_s: float
+    warmup_s: float
+    device: str
+    step_variant: str
+    vocoder_backend: str
+
+
+class SpeechGPTModel:
+    def __init__(self, paths: BundlePaths, tokenizer: SpeechGPTTokenizer, engine: DecodeEngine, units, vocoder_backend,
+                 device: str = "cpu", report: LoadReport | None = None):
+        self.paths = paths
+        self.tokenizer = tokenizer
+        self.engine = engine  # the template each session forks; never decodes itself
+        self.units = units  # streaming.units.UnitExtractor (stateless between calls)
+        self.vocoder_backend = vocoder_backend  # streaming.synthesizer.VocoderBackend
+        self.device = device
+        self.report = report
+        self._sessions = 0
+
+    @classmethod
+    def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,
+             vocoder_backend: str = "auto", warmup: bool = True) -> "SpeechGPTModel":
+        """Load a release layout, a converted bundle or the tiny bundle. On CUDA the engine measures its kernels
+        and races its step variants here, once (fp16 there by default, fp32 on the CPU)."""
+        from agent.engine_generator import EngineGenerator
+        from streaming.synthesizer import make_backend
+        from streaming.units import UnitExtractor
+        from streaming.vocoder import load_vocoder
+
+        t0 = time.perf_counter()
+        paths = resolve_bundle(model_dir)
+        if dtype is None:
+            dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        generator = EngineGenerator.from_bundle(paths, dtype=dtype, device=device)
+        units = UnitExtractor.from_files(paths.hubert, paths.kmeans, device)
+        onnx_dir = paths.vocoder / "onnx"  # a converted bundle carries the ONNX export
+        backend = make_backend(load_vocoder(paths.vocoder, device), backend=vocoder_backend,
+                               device="cuda" if str(device).startswith("cuda") else "cpu",
+                               onnx_dir=onnx_dir if onnx_dir.is_dir() else None)
+        load_s = time.perf_counter() - t0
+        warmup_s = generator.warmup() if warmup else 0.0
+        engine = generator.engine
+        report = LoadReport(load_s, warmup_s, str(device), engine.step_variant.name, getattr(backend, "name", "?"))
+        return cls(paths, generator.tokenizer, engine, units, backend, str(device), report)
+
+    def new_engine(self) -> DecodeEngine:
+        """A decode engine for one more conversation: own KV cache and graphs, shared weights and tuning."""
+        return self.engine.fork()
+
+    def session(self, input, output, config=None, clock=None, name: str | None = None):
+        """A conversation over `input` / `output` (agent.io contracts). Run it with `await session.run()`."""
+        from agent.session import Session
+
+        self._sessions += 1
+        return Session(self, input, output, config, clock, name=name or f"session-{self._sessions}")

@@ -1,0 +1,702 @@
+"""One conversation: `Session` listens on an audio input, answers in speech on an audio output, and remembers.
+
+    input frames -> VAD (webrtcvad) -> incremental units -> speculative prefill of stable units (KV cache)
+                 -> end of turn: final units, KV rolled back to the first changed token, the rest prefilled
+                 -> decode (one worker thread feeding an asyncio queue) -> streaming parser -> events
+                 -> units -> streaming vocoder (its own worker) -> output frames
+
+Decoding, vocoding and playout overlap; the event loop only routes (VAD, parser, events), every model call runs
+on one of the session's three worker threads (HuBERT, LLM, vocoder), so a turn never blocks the loop.
+
+Policies (what an experienced LiveKit Agents user expects, and where we differ):
+- Units of a turn are those of its audio from the pre-roll to the VAD's offset + `unit_tail_s`: the end-of-turn
+  silence does not enter them (HuBERT normalises over the whole input, so trailing silence would change every unit).
+- Speculative prefill: whenever the incremental extractor declares more units stable, they are prefilled behind the
+  history and the turn head; at the end of turn the cache is rolled back to the first token that differs from the
+  final prompt and only the rest is prefilled (agent/conversation.py builds both as ids).
+- Preemptive reply: at a tentative end of turn (`tentative_silence_s` of silence, VAD SpeechPaused) the final units
+  of the audio so far are computed and decoding starts: the transcript and the text answer, then it holds before
+  the unit span. If the end of turn is confirmed with the same offset (same audio, so the same units) the reply is
+  kept and released; if the user speaks again it is discarded. Nothing is shown or played before the decision.
+- Barge-in: user speech of at least `min_interruption_s` while the agent plays audio stops decode and vocoder and
+  clears the output at once; the agent's turn enters the history as heard: the text answer is cut at the word
+  matching the fraction of its units played (units with any audio played count as heard; the word count kept is
+  that fraction of the words, rounded). Shorter user speech is a false interruption: the reply goes on and that
+  speech is not answered.
+- A user turn that starts while the agent is thinking (decided, nothing played yet) drops the pending reply and the
+  new turn is answered (LiveKit's policy); a dropped reply leaves no history.
+- Multi-turn: past turns enter the history as text (agent/conversation.py); the KV cache is reused up to the first
+  token that changed, and the oldest turns are evicted when the context would overflow. `single_turn=True` gives
+  every turn a fresh context, like the original code.
+- Seeds: turn k samples with `seed + k`; with the same final units, turn 0 draws what `respond --seed` draws.
+- Failures (a bad frame, a malformed model output, an exception in any stage) are logged, counted and reported as
+  SessionError; the session goes back to listening and answers the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from agent.clock import SessionClock
+from agent.conversation import Conversation, PastTurn, PromptBuilder
+from agent.events import (
+    AgentState,
+    AgentText,
+    EventBus,
+    ReplyAudioFinished,
+    ReplyAudioStarted,
+    SessionError,
+    StateChanged,
+    TurnCompleted,
+    UserSpeechEnded,
+    UserSpeechStarted,
+    UserTranscript,
+)
+from agent.generation import SPEECHGPT_MAX_NEW_TOKENS
+from agent.io import AudioInput, AudioOutput, PlaybackFinished, PlaybackStarted
+from agent.metrics import TurnMetrics
+from agent.parser import AnswerDone, ResponseParser, Segment, SegmentDone, TextDelta, Unit, UnitSpanEnded
+from agent.prompts import META_INSTRUCTION, Task
+from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams
+from streaming.frames import AudioFrame
+from streaming.hubert import RECEPTIVE_FIELD
+from streaming.incremental_units import IncrementalConfig, IncrementalUnitExtractor
+from streaming.synthesizer import StreamingSynthesizer, SynthesizerConfig
+from streaming.vad import (
+    FrameRejected,
+    Interruption,
+    SpeechAudio,
+    SpeechEnded,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+    VadConfig,
+    VadDetector,
+)
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    seed: int = 0
+    sampling: SamplingParams = SPEECHGPT_SAMPLING
+    speech_head: bool = False  # the engine's restricted head inside unit spans (same distribution as masking)
+    max_new_tokens: int = SPEECHGPT_MAX_NEW_TOKENS
+    single_turn: bool = False
+    system_prompt: str = META_INSTRUCTION
+    reserve_tokens: int = 512  # context positions kept for the answer (older turns are evicted for them)
+    speculative_prefill: bool = True
+    preemptive_reply: bool = True
+    tentative_silence_s: float = 0.2
+    end_of_turn_silence_s: float = 0.5
+    min_interruption_s: float = 0.5
+    unit_tail_s: float = 0.1  # audio after the VAD's offset kept for the turn's units
+    vad: VadConfig = field(default_factory=VadConfig)  # the three times above override its own
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
+    synthesizer: SynthesizerConfig = field(default_factory=SynthesizerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("tentative_silence_s", "end_of_turn_silence_s", "min_interruption_s", "unit_tail_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"SessionConfig.{name}: expected a finite number >= 0, got {value!r}")
+        if self.preemptive_reply and self.tentative_silence_s >= self.end_of_turn_silence_s:
+            raise ValueError(f"SessionConfig.tentative_silence_s ({self.tentative_silence_s}) must be shorter than "
+                             f"end_of_turn_silence_s ({self.end_of_turn_silence_s})")
+        if self.unit_tail_s > min(self.tentative_silence_s, self.end_of_turn_silence_s):
+            raise ValueError(f"SessionConfig.unit_tail_s ({self.unit_tail_s}) must not exceed the tentative and "
+                             "end-of-turn silences (the tail must have been heard when the units are computed)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SessionConfig.max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+
+    def vad_config(self) -> VadConfig:
+        return replace(self.vad, end_of_turn_silence_s=self.end_of_turn_silence_s,
+                       min_interruption_s=self.min_interruption_s,
+                       pause_silence_s=self.tentative_silence_s if self.preemptive_reply else None)
+
+
+class StageError(RuntimeError):
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass
+class _UserTurn:
+    index: int
+    onset: float
+    audio_start: float  # session time of the first sample given to the unit extractor
+    while_speaking: bool  # began while the agent was playing audio
+    interrupted_agent: bool = False
+    paused_offset: float | None = None
+    paused_at: float | None = None
+    discarded: int = 0  # preemptive replies thrown away
+    speculative_tokens: int = 0
+
+
+@dataclass
+class _Reply:
+    turn: _UserTurn
+    metrics: TurnMetrics
+    preemptive: bool
+    offset: float
+    end_sample: int
+    seed: int
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    gate: threading.Event = field(default_factory=threading.Event)  # the decode worker waits here before units
+    stop: threading.Event = field(default_factory=threading.Event)
+    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
+    audio: asyncio.Queue = field(default_factory=asyncio.Queue)  # vocoder futures, in order
+    stream: object | None = None
+    task: asyncio.Task | None = None
+    playout: asyncio.Task | None = None
+    parser: ResponseParser | None = None
+    stage: str = "units"
+    transcript: str = ""
+    transcript_final: bool = False
+    text: str = ""
+    units: list[int] = field(default_factory=list)
+    span_ended: bool = False
+    audio_started: bool = False
+    frames: list[np.ndarray] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    done: asyncio.Future | None = None
+
+    def halt(self) -> None:
+        """Stop producing (thread-safe parts first): decode, then the tasks."""
+        self.cancelled = True
+        self.stop.set()
+        self.gate.set()
+        if self.stream is not None:
+            self.stream.cancel()
+        for task in (self.task, self.playout):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
+
+def heard_text(text: str, units_heard: int, units_total: int) -> str:
+    """The text answer cut at the word matching the fraction of its units that was played (module doc)."""
+    words = text.split()
+    if units_total <= 0 or units_heard <= 0:
+        return ""
+    keep = round(len(words) * min(1.0, units_heard / units_total))
+    return " ".join(words[:keep])
+
+
+def units_heard(durations: np.ndarray, position_s: float, frame_s: float) -> int:
+    """Units whose audio had started by `position_s` (durations in vocoder frames of `frame_s`)."""
+    if position_s <= 0 or durations.size == 0:
+        return 0
+    starts = np.concatenate([[0], np.cumsum(durations)[:-1]]) * frame_s
+    return int(np.count_nonzero(starts < position_s - 1e-9))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Session:
+    """See the module doc. Made by `SpeechGPTModel.session()`; `await run()` until the input ends."""
+
+    def __init__(self, model, input: AudioInput, output: AudioOutput, config: SessionConfig | None = None,
+                 clock: SessionClock | None = None, name: str = "session"):
+        self.model = model
+        self.config = config or SessionConfig()
+        self.clock = clock or SessionClock()
+        self.input = input
+        self.output = output
+        self.name = name
+        self.events = EventBus()
+        self.tokenizer = model.tokenizer
+        self.vocab = model.tokenizer.vocab
+        self.engine = model.new_engine()
+        self.conversation = Conversation(PromptBuilder(self.tokenizer, self.config.system_prompt), self.engine.max_seq,
+                                         self.config.reserve_tokens, self.config.single_turn)
+        self.vad = VadDetector(self.config.vad_config())
+        self.units = IncrementalUnitExtractor(model.units, self.config.incremental)
+        self.synth = StreamingSynthesizer(model.vocoder_backend, self.config.synthesizer)
+        self._frame_s = model.vocoder_backend.hop_size / model.vocoder_backend.sample_rate
+        self._hubert = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-hubert")
+        self._llm = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-llm")
+        self._vocoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-vocoder")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.kv_ids: list[int] = []  # what the engine's KV cache holds (touched on the LLM thread only)
+        self.state = AgentState.INITIALIZING
+        self.turns: list[TurnMetrics] = []  # finished turns, in order
+        self.replies: dict[int, np.ndarray] = {}  # turn -> the reply audio handed to the output
+        self.error_count = 0
+        self.rejected_frames = 0
+        self._listening: _UserTurn | None = None
+        self._reply: _Reply | None = None
+        self._turn_count = 0
+        self._spec_target: list[int] | None = None
+        self._spec_queued = False
+        self._closed = False
+        self._next_ts: float | None = None  # session time of the next input sample (transports without our clock)
+        output.on_playback(self._on_playback)
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the conversation until the input ends (then finish the reply in progress) or aclose()."""
+        self._loop = asyncio.get_running_loop()
+        self._set_state(AgentState.LISTENING)
+        try:
+            async for frame in self.input:
+                if self._closed:
+                    break
+                self._on_frame(frame)
+            if not self._closed:
+                for event in self.vad.flush():
+                    self._on_vad(event)
+                while self._reply is not None and not self._closed:
+                    await asyncio.shield(self._reply.done)
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reply is not None:
+            self._reply.halt()
+            self._reply = None
+        for pool in (self._hubert, self._llm, self._vocoder):
+            await asyncio.to_thread(pool.shutdown, True)
+        self.events.close()
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    def _set_state(self, new: AgentState) -> None:
+        if new != self.state:
+            old, self.state = self.state, new
+            self.events.emit(StateChanged(old, new, self.clock.now()))
+
+    def _submit(self, pool: concurrent.futures.ThreadPoolExecutor, fn, *args) -> concurrent.futures.Future:
+        """Run fn on a worker thread; the clock counts it as work until it returns."""
+        self.clock.begin_work()
+        fut = pool.submit(fn, *args)
+        fut.add_done_callback(lambda _f: self.clock.end_work())
+        return fut
+
+    def _error(self, stage: str, exc: BaseException | str, turn: int | None = None) -> None:
+        self.error_count += 1
+        message = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, BaseException):
+            log.error("%s: %s failed: %s", self.name, stage, message, exc_info=exc)
+        else:
+            log.warning("%s: %s: %s", self.name, stage, message)
+        self.events.emit(SessionError(stage, message, turn))
+
+    # ---- input ----------------------------------------------------------------------------------------------
+    def _on_frame(self, frame: AudioFrame) -> None:
+        if not getattr(self.input, "timestamps_on_session_clock", False):
+            frame = self._stamp(frame)
+        for event in self.vad.push(frame):
+            self._on_vad(event)
+
+    def _stamp(self, frame: AudioFrame) -> AudioFrame:
+        """Frames from transports whose timestamps are on another clock: contiguous session times (re-synced to
+        the arrival time after a gap, e.g. a muted track)."""
+        duration = frame.num_samples / frame.sample_rate if frame.sample_rate else 0.0
+        arrival = self.clock.now() - duration
+        ts = self._next_ts if self._next_ts is not None and abs(arrival - self._next_ts) < 0.25 else arrival
+        self._next_ts = ts + duration
+        return replace(frame, timestamp=ts)
+
+    def _on_vad(self, event) -> None:
+        if isinstance(event, SpeechAudio):
+            if self._listening is not None:
+                turn = self._listening
+                fut = self._submit(self._hubert, self.units.push, event.frame.samples)
+                fut.add_done_callback(lambda f: self._call_soon(self._on_provisional, turn, f))
+        elif isinstance(event, SpeechStarted):
+            self._on_speech_started(event)
+        elif isinstance(event, SpeechPaused):
+            self._on_paused(event)
+        elif isinstance(event, SpeechResumed):
+            reply = self._reply
+            if reply is not None and reply.preemptive and not reply.released.is_set():
+                self._discard(reply)
+        elif isinstance(event, Interruption):
+            if self.state == AgentState.SPEAKING and self._reply is not None:
+                if self._listening is not None:
+                    self._listening.interrupted_agent = True
+                self._barge_in(self._reply)
+        elif isinstance(event, SpeechEnded):
+            self._on_speech_ended(event)
+        elif isinstance(event, FrameRejected):
+            self.rejected_frames += 1
+            self._error("frame", str(event.error))
+
+    def _call_soon(self, fn, *args) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_speech_started(self, event: SpeechStarted) -> None:
+        reply = self._reply
+        if reply is not None and reply.released.is_set() and not reply.audio_started:
+            self._drop(reply)  # the user spoke again while we were thinking: answer the new turn
+        turn = _UserTurn(self._turn_count, event.onset,
+                         event.pre_roll.timestamp if event.pre_roll is not None else event.onset,
+                         while_speaking=self.state == AgentState.SPEAKING)
+        self._turn_count += 1
+        self._listening = turn
+        self._submit(self._hubert, self.units.reset)
+        if event.pre_roll is not None:
+            fut = self._submit(self._hubert, self.units.push, event.pre_roll.samples)
+            fut.add_done_callback(lambda f: self._call_soon(self._on_provisional, turn, f))
+        self.events.emit(UserSpeechStarted(turn.index, event.onset))
+
+    def _on_provisional(self, turn: _UserTurn, fut: concurrent.futures.Future) -> None:
+        if fut.exception() is not None:
+            self._error("units", fut.exception(), turn.index)
+            return
+        if (turn is not self._listening or not self.config.speculative_prefill or self._reply is not None
+                or self._closed):
+            return
+        updates = fut.result()
+        if not any(u.new_stable.size for u in updates):
+            return
+        last = updates[-1]
+        self._spec_target = self.conversation.question_prefix_ids(last.reduced_units[: last.stable_count].tolist())
+        if not self._spec_queued:
+            self._spec_queued = True
+            self._submit(self._llm, self._speculate, turn)
+
+    def _speculate(self, turn: _UserTurn) -> None:  # LLM thread
+        self._spec_queued = False
+        target, self._spec_target = self._spec_target, None
+        if target is None or self._closed:
+            return
+        try:
+            self._sync_kv(target, need_logits=False)
+        except Exception as exc:  # noqa: BLE001 - reported; the end of turn re-prefills from scratch
+            self._call_soon(self._error, "prefill", exc, turn.index)
+
+    def _on_paused(self, event: SpeechPaused) -> None:
+        turn = self._listening
+        if turn is None:
+            return
+        turn.paused_offset, turn.paused_at = event.offset, event.detected_at
+        if self._reply is None and not turn.while_speaking:
+            self._start_reply(turn, event.offset, preemptive=True)
+
+    def _on_speech_ended(self, event: SpeechEnded) -> None:
+        turn, self._listening = self._listening, None
+        if turn is None:
+            return
+        self.events.emit(UserSpeechEnded(turn.index, event.decided_at, event.offset))
+        reply = self._reply
+        if turn.while_speaking and not turn.interrupted_agent and reply is not None:
+            log.info("%s: false interruption (%.2f s of speech): the reply goes on", self.name, event.duration)
+            return
+        if reply is not None and reply.preemptive and not reply.released.is_set():
+            if reply.turn is turn and reply.offset == event.offset:
+                reply.metrics.final_eot = event.decided_at
+                reply.metrics.preemptive = "kept"
+                self._release(reply)
+                return
+            self._discard(reply)
+        elif reply is not None:
+            self._drop(reply)
+        reply = self._start_reply(turn, event.offset, preemptive=False)
+        reply.metrics.final_eot = event.decided_at
+        self._release(reply)
+
+    # ---- replies --------------------------------------------------------------------------------------------
+    def _start_reply(self, turn: _UserTurn, offset: float, preemptive: bool) -> _Reply:
+        end_sample = max(0, round((offset + self.config.unit_tail_s - turn.audio_start) * SAMPLE_RATE))
+        metrics = TurnMetrics(turn.index, onset=turn.onset, last_voiced=offset,
+                              tentative_eot=turn.paused_at if preemptive else None,
+                              preemptive_discarded=turn.discarded)
+        reply = _Reply(turn, metrics, preemptive, offset, end_sample, self.config.seed + turn.index)
+        reply.done = asyncio.get_running_loop().create_future()
+        reply.parser = ResponseParser(self.tokenizer, Task.SPEECH)
+        self._reply = reply
+        reply.task = asyncio.get_running_loop().create_task(self._run_reply(reply))
+        return reply
+
+    def _release(self, reply: _Reply) -> None:
+        m = reply.metrics
+        if m.preemptive == "kept" and m.final_eot is not None and m.tentative_eot is not None:
+            # what had been computed by the decision would otherwise have started at it
+            ready = [t for t in (m.final_units_ready, m.prefill_done, m.first_unit) if t is not None]
+            m.preemptive_saved_s = max(0.0, min(m.final_eot, max(ready)) - m.tentative_eot) if ready else 0.0
+        reply.released.set()
+        reply.gate.set()
+        self._set_state(AgentState.THINKING)
+
+    def _halt(self, reply: _Reply) -> None:
+        reply.halt()
+        if reply.units:
+            self.synth.cancel()  # a chunk being computed is dropped; the next reply resets the synthesizer
+
+    def _discard(self, reply: _Reply) -> None:
+        """A preemptive reply the user made obsolete: nothing of it was shown."""
+        self._halt(reply)
+        reply.turn.discarded += 1
+        self._finish(reply)
+
+    def _drop(self, reply: _Reply) -> None:
+        """A decided reply dropped before any audio played (the user spoke again)."""
+        self._halt(reply)
+        reply.metrics.errors.append("dropped: the user spoke before it played")
+        self._complete(reply, PlaybackFinished(0.0, True, self.clock.now()))
+
+    def _barge_in(self, reply: _Reply) -> None:
+        finished = self.output.clear_buffer()  # silence first
+        self._halt(reply)
+        self._complete(reply, finished or PlaybackFinished(0.0, True, self.clock.now()))
+
+    async def _run_reply(self, r: _Reply) -> None:
+        m = r.metrics
+        try:
+            units, m.units_compute_s = await asyncio.wrap_future(self._submit(self._hubert, self._final_units, r.end_sample))
+            m.final_units_ready = self.clock.now()
+            m.input_units = len(units)
+            if not units:
+                raise StageError("units", "the turn produced no speech units")
+            r.stage = "prompt"
+            evicted = self.conversation.evicted
+            prompt = self.conversation.prompt_ids(units)
+            m.evicted_turns = self.conversation.evicted - evicted
+            m.prompt_tokens = len(prompt)
+            r.stage = "prefill"
+            units_start = len(prompt) - len(self.conversation.builder.tail_ids) - len(units)
+            await asyncio.wrap_future(self._submit(self._llm, self._prefill_reply, r, prompt, units_start))
+            m.prefill_done = self.clock.now()
+            r.stage = "decode"
+            decoding = self._submit(self._llm, self._decode, r, prompt)
+            await r.released.wait()
+            r.playout = asyncio.get_running_loop().create_task(self._play(r))
+            while (item := await r.tokens.get()) is not None:
+                self._on_token(r, *item)
+            await asyncio.wrap_future(decoding)  # a decode failure surfaces here
+            if not r.parser.done:
+                for event in r.parser.finish("cancelled" if r.stop.is_set() else "length"):
+                    self._on_parsed(r, event, self.clock.now())
+            if r.units and not r.span_ended:
+                r.audio.put_nowait(self._submit(self._vocoder, self._flush_vocoder, r))
+            r.audio.put_nowait(None)
+            r.stage = "vocoder"
+            await r.playout
+            r.stage = "output"
+            if r.audio_started:
+                self.output.flush()
+                finished = await self.output.wait_for_playout()
+            else:
+                finished = PlaybackFinished(0.0, False, self.clock.now())
+            if not r.finished:
+                self._complete(r, finished)
+        except asyncio.CancelledError:
+            if not r.finished and not r.cancelled:
+                raise
+        except Exception as exc:  # noqa: BLE001 - one failed reply must not end the session
+            self._fail(r, getattr(exc, "stage", r.stage), exc)
+
+    def _final_units(self, end_sample: int) -> tuple[list[int], float]:  # HuBERT thread
+        """Exact units of the turn's audio up to end_sample (the whole-utterance extraction, bit for bit)."""
+        t0 = time.perf_counter()
+        audio = np.array(self.units.audio[:end_sample], dtype=np.float32)
+        if audio.shape[0] < RECEPTIVE_FIELD:
+            return [], time.perf_counter() - t0
+        _, reduced = self.model.units.extract(audio)
+        return [int(u) for u in reduced], time.perf_counter() - t0
+
+    def _sync_kv(self, target: list[int], need_logits: bool) -> tuple[int, int, int]:  # LLM thread
+        """Make the KV cache hold `target`: keep the common prefix, prefill the rest (at least the last token when
+        logits are needed). Returns (tokens kept, tokens prefilled, tokens rolled back)."""
+        keep = _common_prefix(self.kv_ids, target)
+        if need_logits:
+            keep = min(keep, len(target) - 1)
+        rolled = len(self.kv_ids) - keep
+        try:
+            if rolled:
+                self.engine.truncate(keep)
+            self.kv_ids = self.kv_ids[:keep]
+            if len(target) > keep:
+                self.engine.prefill(target[keep:], start_pos=keep)
+            self.kv_ids = list(target)
+        except Exception:
+            self.kv_ids = []  # unknown cache contents: the next prefill starts from position 0
+            self.engine.truncate(0)
+            raise
+        return keep, len(target) - keep, rolled
+
+    def _prefill_reply(self, r: _Reply, prompt: list[int], units_start: int) -> None:  # LLM thread
+        t0 = time.perf_counter()
+        keep, prefilled, rolled = self._sync_kv(prompt, need_logits=True)
+        m = r.metrics
+        m.prefill_compute_s = time.perf_counter() - t0
+        m.eot_prefill_tokens = prefilled
+        m.speculative_tokens = max(0, keep - units_start)  # question units found in the cache
+        m.rollback_tokens = rolled  # cached tokens dropped (changed provisional units, a re-rendered history)
+
+    def _decode(self, r: _Reply, prompt: list[int]) -> None:  # LLM thread
+        cfg = self.config
+        budget = min(cfg.max_new_tokens, self.engine.max_seq - len(prompt))
+        if budget < 1:
+            raise StageError("decode", f"a {len(prompt)}-token prompt leaves no room to answer")
+        t0 = time.perf_counter()
+        stream = self.engine.decode(cfg.sampling, seed=r.seed, max_new_tokens=budget, speech_mode=cfg.speech_head)
+        r.stream = stream
+        if r.stop.is_set():
+            stream.cancel()
+        sosp = self.vocab.sosp
+        first_unit = True
+        try:
+            for token in stream:
+                self._call_soon(r.tokens.put_nowait, (token, self.clock.now()))
+                if self.vocab.is_unit(token) and first_unit:
+                    first_unit = False
+                    r.metrics.decode_compute_s = time.perf_counter() - t0
+                if token == sosp and not r.gate.is_set():
+                    r.gate.wait()  # preemptive: hold before the unit span until the end of turn is decided
+                if r.stop.is_set():
+                    stream.cancel()
+        finally:
+            stream.close()
+            self.kv_ids = prompt + stream.tokens[:-1]  # the last token was never fed to the model
+            r.metrics.new_tokens = len(stream.tokens)
+            self._call_soon(r.tokens.put_nowait, None)
+
+    def _on_token(self, r: _Reply, token: int, at: float) -> None:
+        for event in r.parser.feed(token):
+            self._on_parsed(r, event, at)
+        if r.parser.done and not r.stop.is_set():
+            r.stop.set()  # the answer is complete: stop decoding (the final "." and EOS add nothing)
+            if r.stream is not None:
+                r.stream.cancel()
+
+    def _on_parsed(self, r: _Reply, event, at: float) -> None:
+        m, turn = r.metrics, r.turn.index
+        if isinstance(event, TextDelta):
+            if event.segment is Segment.TRANSCRIPT:
+                m.first_transcript_token = m.first_transcript_token or at
+                r.transcript += event.text
+                self.events.emit(UserTranscript(turn, r.transcript, final=False))
+            else:
+                m.first_text_answer_token = m.first_text_answer_token or at
+                r.text += event.text
+                self.events.emit(AgentText(turn, event.text, r.text, final=False))
+        elif isinstance(event, SegmentDone) and event.segment is Segment.TRANSCRIPT:
+            r.transcript, r.transcript_final = event.text, True
+            self.events.emit(UserTranscript(turn, r.transcript, final=True))
+        elif isinstance(event, SegmentDone):
+            r.text = event.text
+        elif isinstance(event, Unit):
+            m.first_unit = m.first_unit or at
+            if not r.units:
+                r.audio.put_nowait(self._submit(self._vocoder, self.synth.reset))
+            r.units.append(event.unit)
+            r.audio.put_nowait(self._submit(self._vocoder, self._vocode, r, event.unit))
+        elif isinstance(event, UnitSpanEnded):
+            r.span_ended = True
+            if r.units:
+                r.audio.put_nowait(self._submit(self._vocoder, self._flush_vocoder, r))
+        elif isinstance(event, AnswerDone) and event.response.issues:
+            log.info("%s: turn %d answer issues: %s", self.name, turn, [i.value for i in event.response.issues])
+
+    def _vocode(self, r: _Reply, unit: int) -> list[AudioFrame]:  # vocoder thread
+        if r.cancelled:
+            return []
+        t0 = time.perf_counter()
+        frames = self.synth.push(unit)
+        if r.metrics.first_vocoder_audio is None:
+            r.metrics.vocoder_compute_s += time.perf_counter() - t0
+            if frames:
+                r.metrics.first_vocoder_audio = self.clock.now()
+        return frames
+
+    def _flush_vocoder(self, r: _Reply) -> list[AudioFrame]:  # vocoder thread
+        if r.cancelled:
+            return []
+        t0 = time.perf_counter()
+        frames = self.synth.flush()
+        if r.metrics.first_vocoder_audio is None:
+            r.metrics.vocoder_compute_s += time.perf_counter() - t0
+            if frames:
+                r.metrics.first_vocoder_audio = self.clock.now()
+        return frames
+
+    async def _play(self, r: _Reply) -> None:
+        """Hand vocoder frames to the output in order, as they become ready."""
+        while (fut := await r.audio.get()) is not None:
+            frames = await asyncio.wrap_future(fut)
+            for frame in frames or ():
+                if r.cancelled:
+                    return
+                if not r.audio_started:
+                    r.audio_started = True
+                    r.metrics.first_frame_handed = self.clock.now()
+                    self.vad.set_agent_speaking(True)
+                    self._set_state(AgentState.SPEAKING)
+                r.frames.append(frame.to_float32_mono().samples)
+                await self.output.capture_frame(frame)
+
+    def _on_playback(self, event: PlaybackStarted | PlaybackFinished) -> None:
+        r = self._reply
+        if isinstance(event, PlaybackStarted) and r is not None and r.metrics.first_frame_played is None:
+            r.metrics.first_frame_played = event.at
+            self.events.emit(ReplyAudioStarted(r.turn.index, event.at))
+
+    def _complete(self, r: _Reply, finished: PlaybackFinished) -> None:
+        """The reply ended (played out, interrupted, or dropped): history, final events, metrics."""
+        m = r.metrics
+        m.interrupted = finished.interrupted
+        m.heard_s = finished.position
+        m.underruns = finished.underruns
+        m.playback_end = finished.at
+        m.output_units = len(r.units)
+        m.reply_s = sum(f.shape[0] for f in r.frames) / SAMPLE_RATE
+        text = r.text
+        if finished.interrupted:
+            heard = units_heard(self.synth.durations, finished.position, self._frame_s)
+            text = heard_text(r.text, heard, len(r.units))
+        m.transcript, m.text_answer = r.transcript, text
+        if r.frames:
+            self.replies[r.turn.index] = np.concatenate(r.frames)
+        if r.transcript and not r.transcript_final:
+            self.events.emit(UserTranscript(r.turn.index, r.transcript, final=True))
+        if r.transcript or text:
+            self.conversation.add(PastTurn(r.transcript, text, finished.interrupted))
+        self.events.emit(AgentText(r.turn.index, "", text, final=True))
+        if r.audio_started:
+            self.events.emit(ReplyAudioFinished(r.turn.index, finished.at, finished.position, finished.interrupted))
+        self._finish(r)
+        self.turns.append(m)
+        self.events.emit(TurnCompleted(m))
+
+    def _fail(self, r: _Reply, stage: str, exc: BaseException) -> None:
+        r.metrics.errors.append(f"{stage}: {type(exc).__name__}: {exc}")
+        self._error(stage, exc, r.turn.index)
+        if r.audio_started:
+            self.output.clear_buffer()
+        self._halt(r)
+        self._finish(r)
+        self.turns.append(r.metrics)
+        self.events.emit(TurnCompleted(r.metrics))
+
+    def _finish(self, r: _Reply) -> None:
+        r.finished = True
+        if r.done is not None and not r.done.done():
+            r.done.set_result(None)
+        if self._reply is r:
+            self._reply = None
+            self.vad.set_agent_speaking(False)
+            self._set_state(AgentState.LISTENING)
