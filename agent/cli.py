@@ -13,8 +13,9 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("agent.demo", "the main job on the embedded default: answer a shipped spoken question with the tiny bundle"),
+    "demo": ("agent.demo", "the main job on the embedded default: a live two-turn spoken conversation with the tiny bundle"),
     "make-tiny": ("agent.tiny", "write a tiny random-weight bundle in the release file formats"),
+    "chat": ("agent.chat", "a live session over the loopback transport: audio files as consecutive user turns, replies, metrics"),
     "respond": ("agent.respond", "reference pipeline: one spoken (or text) question in, one reply WAV out"),
     "convert": ("agent.convert", "release files -> fast-loading deployment bundle (safetensors, no pickle)"),
     "bench-convert": ("agent.bench_convert", "peak memory of convert on a synthetic 1B-shaped fp32 checkpoint"),
