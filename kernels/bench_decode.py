@@ -37,11 +37,17 @@ from kernels.engine import SPEECHGPT_SAMPLING, STEP_VARIANTS, DecodeEngine, Step
 from kernels.model import LlamaWeights
 from kernels.rope import apply_rope_reference, rope_tables
 
+# SpeechGPT's vocabulary layout, for the random-weight shapes here (a real model's ids come from its tokenizer
+# files): 32000 text pieces, then 1000 units <0>..<999>, then 6 specials from 33000 (<sosp> = 33000, <eosp> = 33001).
+SPEECHGPT_TEXT_ROWS = 32000  # the first unit row: where the speech-mode head starts
+SPEECHGPT_UNIT_SPAN_IDS = (33000, 33001)
+SPEECHGPT_VOCAB_SIZE = 33006
+
 CONFIGS: dict[str, LlamaArch] = {
     "7b": SPEECHGPT_7B,
-    "1b": LlamaArch(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=16, num_kv_heads=16, vocab_size=33006),
-    "small": LlamaArch(hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8, vocab_size=33006),
-    "tiny": LlamaArch(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=33006),
+    "1b": LlamaArch(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=16, num_kv_heads=16, vocab_size=SPEECHGPT_VOCAB_SIZE),
+    "small": LlamaArch(hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8, vocab_size=SPEECHGPT_VOCAB_SIZE),
+    "tiny": LlamaArch(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=SPEECHGPT_VOCAB_SIZE),
 }
 
 # Datasheet memory bandwidth, bytes/s (leads, not measurements).
@@ -192,7 +198,7 @@ def run_hf(model, context: int, steps: int, device: torch.device) -> list[float]
             stamps.append(time.perf_counter())
             return scores
 
-    ids = torch.randint(3, 32000, (1, context), device=device)
+    ids = torch.randint(3, SPEECHGPT_TEXT_ROWS, (1, context), device=device)
     kw = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.8, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
@@ -208,7 +214,7 @@ def run_hf(model, context: int, steps: int, device: torch.device) -> list[float]
 def run_engine(engine: DecodeEngine, context: int, steps: int) -> tuple[list[float], list[float]]:
     """(host-loop per-token times, graph-replay per-step times) in ms."""
     engine.truncate(0)
-    engine.prefill(torch.randint(3, 32000, (context,)))
+    engine.prefill(torch.randint(3, SPEECHGPT_TEXT_ROWS, (context,)))
     stream = engine.decode(SPEECHGPT_SAMPLING, seed=0, max_new_tokens=steps + 1, stop_ids=())
     list(stream)
     loop_ms = stream.stats.step_times_ms()[1:]  # the first interval includes the first sample from prefill logits
@@ -259,7 +265,7 @@ def profile_step(engine: DecodeEngine, context: int, replays: int = 5) -> dict:
 def time_prefill(engine: DecodeEngine, n: int, repeats: int = 3, bucketed: bool | None = None) -> float:
     """Median ms of prefilling n tokens at position 0 (after one untimed run); bucketed: force the bucket-graph
     (True) or the eager (False) prefill, None = the engine's setting."""
-    tokens = torch.randint(3, 32000, (n,))
+    tokens = torch.randint(3, SPEECHGPT_TEXT_ROWS, (n,))
     saved = engine.prefill_bucketed
     if bucketed is not None:
         engine.prefill_bucketed = bucketed
@@ -338,7 +344,8 @@ def benchmark(
         plan.append((requested, ctx))
 
     t0 = time.perf_counter()
-    engine = DecodeEngine(weights, max_seq=max_seq, gemv=gemv)
+    engine = DecodeEngine(weights, max_seq=max_seq, gemv=gemv, unit_rows_start=SPEECHGPT_TEXT_ROWS,
+                          unit_span_ids=SPEECHGPT_UNIT_SPAN_IDS)
     out["gemv"] = {"mode": gemv, "per_shape": engine.gemv_report}
     for kind, row in engine.gemv_report.items():
         log(f"[bench-decode] GEMV {kind:>7} {row['n']}x{row['k']}: cuBLAS {row['torch_us']:.1f} us, Triton {row['triton_us']:.1f} us "
@@ -352,7 +359,7 @@ def benchmark(
     if engine.use_graphs:
         t0 = time.perf_counter()
         engine.truncate(0)
-        engine.prefill(torch.randint(3, 32000, (plan[0][1],)))  # race the variants at the first context
+        engine.prefill(torch.randint(3, SPEECHGPT_TEXT_ROWS, (plan[0][1],)))  # race the variants at the first context
         engine.tune_step(SPEECHGPT_SAMPLING, candidates=candidates)
         engine.warmup(SPEECHGPT_SAMPLING)
         out["tune"] = engine.tune_report

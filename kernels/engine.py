@@ -141,8 +141,9 @@ class DecodeEngine:
         self,
         weights: LlamaWeights,
         max_seq: int | None = None,
-        unit_rows_start: int | None = 32000,
-        unit_span_ids: tuple[int, int] = (33000, 33001),
+        *,
+        unit_rows_start: int | None,
+        unit_span_ids: tuple[int, int],
         cuda_graphs: bool = True,
         gemv: str = "torch",
         fused: bool = True,
@@ -153,7 +154,10 @@ class DecodeEngine:
         prefill_graphs: bool = True,
         prefill_buckets: Sequence[int] = PREFILL_BUCKETS,
     ):
-        """fused: decode layers as six launches each (RMSNorm, RoPE + KV write, SiLU*mul and the residual
+        """unit_rows_start: the first row the speech-mode head scores inside a unit span (units, then specials, to
+        the vocabulary's end); None disables the speech head. unit_span_ids: (open, close) ids of a unit span. Both
+        come from the tokenizer's vocabulary (agent.vocab), never from defaults here.
+        fused: decode layers as six launches each (RMSNorm, RoPE + KV write, SiLU*mul and the residual
         adds ride in the Triton GEMVs; see LlamaModel.decode_step), else one kernel per op. On the CPU both compute
         the same torch reference ops.
         gemv: the unfused GEMVs and the LM head: "torch" (cuBLAS), "triton", or "auto" = measure both per weight
@@ -170,7 +174,7 @@ class DecodeEngine:
         self.tune = tune
         self.tune_report: dict | None = None  # what tune_step measured and chose
         self.sosp_id, self.eosp_id = unit_span_ids
-        self._init_conversation(LlamaModel(weights, max_seq, unit_rows_start), cuda_graphs)
+        self._init_conversation(LlamaModel(weights, max_seq, unit_rows_start=unit_rows_start), cuda_graphs)
         self.step_variant = StepVariant(fused=fused, pdl=pdl, one_launch_attention=one_launch_attention, l2_prefetch=l2_prefetch)
         self.gemv_report: dict[str, dict] = {}
         self.fused_report: dict[str, dict] = {}
@@ -232,7 +236,7 @@ class DecodeEngine:
         twin = object.__new__(type(self))
         twin.tune, twin.tune_report = False, self.tune_report
         twin.sosp_id, twin.eosp_id = self.sosp_id, self.eosp_id
-        twin._init_conversation(LlamaModel(src.w, src.max_seq, src.unit_rows_start), self.cuda_graphs)
+        twin._init_conversation(LlamaModel(src.w, src.max_seq, unit_rows_start=src.unit_rows_start), self.cuda_graphs)
         twin.model.gemv_choice, twin.model.fused_choice = dict(src.gemv_choice), dict(src.fused_choice)
         twin.step_variant = self.step_variant
         twin.gemv_report, twin.fused_report = self.gemv_report, self.fused_report

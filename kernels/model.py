@@ -159,7 +159,7 @@ class KVCache:
 class LlamaModel:
     """Forward passes over `LlamaWeights` with a static KV cache and static decode buffers."""
 
-    def __init__(self, weights: LlamaWeights, max_seq: int | None = None, unit_rows_start: int | None = None):
+    def __init__(self, weights: LlamaWeights, max_seq: int | None = None, *, unit_rows_start: int | None):
         arch = weights.arch
         self.w = weights
         self.arch = arch

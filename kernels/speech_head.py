@@ -17,10 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["UNIT_BASE", "VOCAB_SIZE", "masked_full_logits_reference", "speech_head_logits"]
-
-UNIT_BASE = 32000  # first unit id; rows [UNIT_BASE, VOCAB_SIZE) = 1000 units + 6 specials
-VOCAB_SIZE = 33006
+__all__ = ["masked_full_logits_reference", "speech_head_logits"]
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, row_start: int) -> None:
@@ -33,7 +30,7 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, row_start: int) -> None:
 
 
 def speech_head_logits(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, row_start: int = UNIT_BASE
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, row_start: int
 ) -> torch.Tensor:
     """Logits for rows [row_start, V) only: hidden [..., D] -> [..., V - row_start] (local id = id - row_start)."""
     _check(hidden, lm_head_weight, row_start)
@@ -42,7 +39,7 @@ def speech_head_logits(
 
 
 def masked_full_logits_reference(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, row_start: int = UNIT_BASE
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, row_start: int
 ) -> torch.Tensor:
     """Full logits [..., V] with rows < row_start set to -inf: what the restricted head must be equivalent to."""
     _check(hidden, lm_head_weight, row_start)

@@ -26,7 +26,10 @@ def hf(tiny_llm):
 
 
 def new_engine(tiny_llm, **kw) -> DecodeEngine:
-    _, arch, sd = tiny_llm
+    """An engine on the tiny bundle, its speech head and unit span ids read off the bundle's tokenizer."""
+    tok, arch, sd = tiny_llm
+    vocab = tok.vocab
+    kw = {"unit_rows_start": vocab.speech_rows[0], "unit_span_ids": (vocab.sosp, vocab.eosp), **kw}
     return DecodeEngine(LlamaWeights.from_state_dict(arch, sd.__getitem__, torch.float32, "cpu"), **kw)
 
 
@@ -203,15 +206,16 @@ def test_budget_respects_the_context(tiny_llm):
 def test_speech_mode_constrains_the_first_token_too():
     """The first token comes from the prefill logits: inside a span it must also be a unit/special (random weights,
     so nothing but the head restriction keeps text tokens out)."""
-    from kernels.bench_decode import CONFIGS
+    from kernels.bench_decode import CONFIGS, SPEECHGPT_TEXT_ROWS, SPEECHGPT_UNIT_SPAN_IDS
 
     w = LlamaWeights.random(CONFIGS["tiny"], torch.float32, "cpu", seed=11)
+    sosp, eosp = SPEECHGPT_UNIT_SPAN_IDS
     for seed in range(5):
-        eng = DecodeEngine(w)
-        eng.prefill([1, 5, 33000])
+        eng = DecodeEngine(w, unit_rows_start=SPEECHGPT_TEXT_ROWS, unit_span_ids=SPEECHGPT_UNIT_SPAN_IDS)
+        eng.prefill([1, 5, sosp])
         toks = list(eng.decode(SPEECHGPT_SAMPLING, seed=seed, speech_mode=True, unit_span_open=True, max_new_tokens=6, stop_ids=()))
-        closed = toks.index(33001) if 33001 in toks else len(toks)
-        assert all(t >= 32000 for t in toks[: closed + 1]), toks
+        closed = toks.index(eosp) if eosp in toks else len(toks)
+        assert all(t >= SPEECHGPT_TEXT_ROWS for t in toks[: closed + 1]), toks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -226,7 +230,7 @@ def test_fused_layer_kernels_equal_the_unfused_step(tiny_llm, monkeypatch, dtype
     tok, arch, sd = tiny_llm
     models = {}
     for name, dt, fused in (("fused", dtype, True), ("unfused", dtype, False), ("fp32", torch.float32, False)):
-        models[name] = LlamaModel(LlamaWeights.from_state_dict(arch, sd.__getitem__, dt, "cpu"), max_seq=128)
+        models[name] = LlamaModel(LlamaWeights.from_state_dict(arch, sd.__getitem__, dt, "cpu"), max_seq=128, unit_rows_start=None)
         models[name].fused = fused
     monkeypatch.setattr(km, "norm_qkv_rope", norm_qkv_rope.norm_qkv_rope_triton)
     monkeypatch.setattr(km, "norm_gate_up_silu", norm_gate_up_silu.norm_gate_up_silu_triton)
@@ -298,7 +302,7 @@ def test_one_launch_attention_in_the_decode_step(tiny_llm, monkeypatch):
         return da.decode_attention_triton(*args, **kw)
 
     monkeypatch.setattr(km, "decode_attention", spy)
-    models = [LlamaModel(LlamaWeights.from_state_dict(arch, sd.__getitem__, torch.float32, "cpu"), max_seq=256) for _ in range(2)]
+    models = [LlamaModel(LlamaWeights.from_state_dict(arch, sd.__getitem__, torch.float32, "cpu"), max_seq=256, unit_rows_start=None) for _ in range(2)]
     models[1].attn_one_launch = True
     prompt = torch.tensor(speech_prompt(tok, 5, n=40))
     assert 128 < len(prompt) < 190  # three live splits of 64 positions (of 4) in the 256-position cache

@@ -11,14 +11,20 @@ import pytest
 import torch
 
 from kernels.checkpoint import SPEECHGPT_7B, LlamaArch
+from kernels.bench_decode import SPEECHGPT_TEXT_ROWS as TEXT_ROWS, SPEECHGPT_UNIT_SPAN_IDS, SPEECHGPT_VOCAB_SIZE
 from kernels.engine import SPEECHGPT_SAMPLING, DecodeEngine
 from kernels.model import LlamaWeights
 from kernels.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-SMALL = LlamaArch(hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8, vocab_size=33006)
+SMALL = LlamaArch(hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8, vocab_size=SPEECHGPT_VOCAB_SIZE)
 GREEDY = SamplingParams(greedy=True, min_new_tokens=0)
+SOSP, EOSP = SPEECHGPT_UNIT_SPAN_IDS  # random weights: the SpeechGPT layout
+
+
+def _engine(weights: LlamaWeights, **kw) -> DecodeEngine:
+    return DecodeEngine(weights, **{"unit_rows_start": TEXT_ROWS, "unit_span_ids": SPEECHGPT_UNIT_SPAN_IDS, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def small_weights():
 
 def prompt(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 32000, (n,), generator=g).tolist()
+    return torch.randint(3, TEXT_ROWS, (n,), generator=g).tolist()
 
 
 @pytest.mark.parametrize("params", [GREEDY, SPEECHGPT_SAMPLING], ids=["greedy", "sampling"])
@@ -36,7 +42,7 @@ def test_graph_stream_equals_eager_steps(small_weights, params):
     p = prompt(100, 0)
     runs = []
     for graphs in (True, False):
-        eng = DecodeEngine(small_weights, cuda_graphs=graphs, prefill_graphs=False)  # same prefill for both
+        eng = _engine(small_weights, cuda_graphs=graphs, prefill_graphs=False)  # same prefill for both
         eng.prefill(p)
         runs.append(list(eng.decode(params, seed=5, max_new_tokens=64, stop_ids=())))
         assert eng.pos == len(p) + 63
@@ -46,7 +52,7 @@ def test_graph_stream_equals_eager_steps(small_weights, params):
 
 def test_cancel_and_continue_on_cuda(small_weights):
     p = prompt(50, 1)
-    eng = DecodeEngine(small_weights)
+    eng = _engine(small_weights)
     eng.prefill(p)
     stream = eng.decode(SPEECHGPT_SAMPLING, seed=2, stop_ids=())
     got = []
@@ -55,7 +61,7 @@ def test_cancel_and_continue_on_cuda(small_weights):
         if len(got) == 5:
             stream.cancel()
     assert len(got) == 5 and stream.stop_reason == "cancelled" and eng.pos == len(p) + 4
-    ref = DecodeEngine(small_weights)
+    ref = _engine(small_weights)
     ref.prefill(p)
     full = list(ref.decode(GREEDY, max_new_tokens=8, stop_ids=()))
     eng.truncate(len(p))
@@ -64,31 +70,31 @@ def test_cancel_and_continue_on_cuda(small_weights):
 
 
 def test_speech_mode_on_cuda(small_weights):
-    eng = DecodeEngine(small_weights, unit_rows_start=32000)
+    eng = _engine(small_weights)
     eng.prefill(prompt(40, 3))
-    token = torch.tensor([33000], device="cuda")
+    token = torch.tensor([SOSP], device="cuda")
     pos = torch.tensor([40], dtype=torch.int32, device="cuda")
     seq = torch.zeros(1, dtype=torch.int32, device="cuda")
     full = eng.model.decode_step(token, pos.clone(), seq).clone()
     masked = eng.model.decode_step(token, pos.clone(), seq, torch.ones(1, dtype=torch.int32, device="cuda")).clone()
-    assert torch.isneginf(masked[:32000]).all()
-    torch.testing.assert_close(masked[32000:], full[32000:], rtol=0, atol=0)
+    assert torch.isneginf(masked[:TEXT_ROWS]).all()
+    torch.testing.assert_close(masked[TEXT_ROWS:], full[TEXT_ROWS:], rtol=0, atol=0)
     outside = eng.model.decode_step(token, pos.clone(), seq, torch.zeros(1, dtype=torch.int32, device="cuda")).clone()
     # The full head rounds logits to bf16 (like transformers); the text-row kernel writes its fp32 sums.
-    torch.testing.assert_close(outside[:32000], full[:32000], rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(outside[:TEXT_ROWS], full[:TEXT_ROWS], rtol=2**-7, atol=1e-3)
     eng.truncate(40)
-    eng.prefill([33000])
+    eng.prefill([SOSP])
     stream = eng.decode(SPEECHGPT_SAMPLING, seed=4, speech_mode=True, unit_span_open=True, max_new_tokens=40, stop_ids=())
     toks = list(stream)
-    first_close = toks.index(33001) if 33001 in toks else len(toks)
-    assert all(t >= 32000 for t in toks[: first_close + 1])
+    first_close = toks.index(EOSP) if EOSP in toks else len(toks)
+    assert all(t >= TEXT_ROWS for t in toks[: first_close + 1])
 
 
 def test_triton_gemv_engine_matches_cublas_engine(small_weights):
     p = prompt(30, 9)
     logits = []
     for gemv in ("torch", "triton"):
-        eng = DecodeEngine(small_weights, gemv=gemv)
+        eng = _engine(small_weights, gemv=gemv)
         eng.prefill(p[:-1])
         tok = torch.tensor([p[-1]], device="cuda")
         logits.append(eng.model.decode_step(tok, torch.tensor([29], dtype=torch.int32, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")).clone())
@@ -105,7 +111,7 @@ def test_fused_layers_match_unfused_layers(small_weights, gemv, monkeypatch):
     # Race three configs, not all: each one is a Triton compile, and this tier has minutes, not hours.
     monkeypatch.setattr(kernels.gemv, "AUTO_CONFIGS", kernels.gemv.AUTO_CONFIGS[1::6])
     p = prompt(30, 11)
-    eng = DecodeEngine(small_weights, gemv=gemv)
+    eng = _engine(small_weights, gemv=gemv)
     if gemv == "auto":
         assert set(eng.fused_report) == {"qkv", "o", "gate_up", "down"}
         assert all(eng.model.fused_choice[k] is not None for k in eng.fused_report), eng.fused_report
@@ -139,7 +145,7 @@ def test_graph_prefill_equals_eager_prefill(small_weights, no_tf32, dtype):
     p = prompt(130, 21)
     runs = []
     for graphs in (True, False):
-        eng = DecodeEngine(w, max_seq=512, prefill_graphs=graphs, prefill_buckets=(16, 32, 64))
+        eng = _engine(w, max_seq=512, prefill_graphs=graphs, prefill_buckets=(16, 32, 64))
         assert eng.prefill_bucketed == graphs
         out = [eng.prefill(p[:80])]  # 64 + 16: two buckets in one call
         out.append(eng.prefill(p[80:120]))  # 40 at 80 (bucket 64)
@@ -167,7 +173,7 @@ def test_prefill_graph_warmup_keeps_the_cache(small_weights):
     """Capturing a bucket whose warm-up region [max_seq - bucket, max_seq) overlaps valid tokens restores them; the
     capture leaves the cache, positions and the last logits as they were."""
     p = prompt(120, 22)
-    eng = DecodeEngine(small_weights, max_seq=128, prefill_buckets=(16, 64))
+    eng = _engine(small_weights, max_seq=128, prefill_buckets=(16, 64))
     logits = eng.prefill(p)  # 64 + 56 (bucket 64 ends at 128): only bucket 64 captured so far
     assert set(eng._prefill_graphs) == {64}
     before = [t.clone() for t in (eng.model.cache.k, eng.model.cache.v)]
@@ -176,7 +182,7 @@ def test_prefill_graph_warmup_keeps_the_cache(small_weights):
     for t, b in zip((eng.model.cache.k, eng.model.cache.v), before):
         assert torch.equal(t[:, :, :120], b[:, :, :120])
     assert eng.pos == 120 and int(eng.pos_dev) == 120 and eng._last_logits is logits
-    ref = DecodeEngine(small_weights, max_seq=128, prefill_buckets=(16, 64))
+    ref = _engine(small_weights, max_seq=128, prefill_buckets=(16, 64))
     ref.prefill(p)
     assert list(eng.decode(GREEDY, max_new_tokens=8, stop_ids=())) == list(ref.decode(GREEDY, max_new_tokens=8, stop_ids=()))
     with pytest.raises(ValueError, match="not one of"):
@@ -199,7 +205,7 @@ def test_bf16_precision_and_greedy_agreement_at_7b():
         hf32 = hf_model_sharing(w32)
         logits_32 = hf32(ids).logits[0, -1].float()
 
-    eng = DecodeEngine(w16)
+    eng = _engine(w16)
     report = {}
     for fused in (False, True):  # the default (fused) last: the greedy run below uses it
         eng.fused = fused
@@ -244,7 +250,7 @@ def test_programmatic_dependent_launch_changes_nothing_but_timing(small_weights)
     p = prompt(60, 13)
     runs, logits = [], []
     for pdl in (False, True):
-        eng = DecodeEngine(small_weights, pdl=pdl)
+        eng = _engine(small_weights, pdl=pdl)
         eng.prefill(p)
         runs.append(list(eng.decode(SPEECHGPT_SAMPLING, seed=3, max_new_tokens=48, stop_ids=())))
         eng.truncate(len(p) - 1)  # one eager step on the same cache prefix (PDL launches outside a graph too)
@@ -269,7 +275,7 @@ def test_launch_variants_decode_exactly_like_the_plain_fused_step(small_weights,
     p = prompt(300, 21)  # 300+ positions: five live attention splits of 64
     runs = []
     for variant in (STEP_VARIANTS["fused"], v):
-        eng = DecodeEngine(small_weights)
+        eng = _engine(small_weights)
         eng.step_variant = variant
         eng.prefill(p)
         runs.append(list(eng.decode(SPEECHGPT_SAMPLING, seed=9, max_new_tokens=96, stop_ids=())))
@@ -283,7 +289,7 @@ def test_warmup_races_the_step_variants_and_admits_every_one(small_weights):
     plain variant's by a single bit is refused, which would point at a synchronisation bug), time each, and pick
     one; the tuned engine then decodes as the untuned engine with the chosen variant does."""
     p = prompt(200, 22)
-    eng = DecodeEngine(small_weights)
+    eng = _engine(small_weights)
     eng.prefill(p)
     eng.warmup(SPEECHGPT_SAMPLING)
     report = eng.tune_report
@@ -297,7 +303,7 @@ def test_warmup_races_the_step_variants_and_admits_every_one(small_weights):
     chosen = eng.step_variant
     assert report["chosen"] == chosen.name
     got = list(eng.decode(SPEECHGPT_SAMPLING, seed=2, max_new_tokens=32, stop_ids=()))
-    ref = DecodeEngine(small_weights, tune=False)
+    ref = _engine(small_weights, tune=False)
     ref.step_variant = chosen
     ref.prefill(p)
     assert got == list(ref.decode(SPEECHGPT_SAMPLING, seed=2, max_new_tokens=32, stop_ids=()))

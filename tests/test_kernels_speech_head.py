@@ -9,6 +9,7 @@ import torch
 
 from kernels import sampling as smp
 from kernels import speech_head as sh
+from kernels.bench_decode import SPEECHGPT_TEXT_ROWS as TEXT_ROWS, SPEECHGPT_VOCAB_SIZE
 from kernels.sampling import SamplerState, SamplingParams
 from kernel_rules import DEVICE
 
@@ -86,13 +87,13 @@ def test_bad_row_start_raises(gen):
 def test_gpu_speech_head_7b_shapes(gen, no_tf32):
     # SpeechGPT lm_head [33006, 4096] in bf16; logits compared in fp32 (exact GEMV order differs between the slice
     # and the full matrix, bf16 output rounding would create ties that are not the property under test).
-    hidden, weight = _head(gen, sh.VOCAB_SIZE, 4096, torch.bfloat16, "cuda")
-    restricted = sh.speech_head_logits(hidden.float(), weight.float(), sh.UNIT_BASE)
-    masked = sh.masked_full_logits_reference(hidden.float(), weight.float(), sh.UNIT_BASE)
+    hidden, weight = _head(gen, SPEECHGPT_VOCAB_SIZE, 4096, torch.bfloat16, "cuda")
+    restricted = sh.speech_head_logits(hidden.float(), weight.float(), TEXT_ROWS)
+    masked = sh.masked_full_logits_reference(hidden.float(), weight.float(), TEXT_ROWS)
     assert restricted.shape == (1006,)
-    torch.testing.assert_close(restricted, masked[sh.UNIT_BASE:], atol=1e-4, rtol=1e-5)
-    assert int(torch.argmax(restricted)) + sh.UNIT_BASE == int(torch.argmax(masked))
-    ids = _assert_same_distribution(restricted, masked, sh.UNIT_BASE, SamplingParams(), 0)
-    assert ids.min() >= sh.UNIT_BASE
-    bf16 = sh.speech_head_logits(hidden, weight, sh.UNIT_BASE)
+    torch.testing.assert_close(restricted, masked[TEXT_ROWS:], atol=1e-4, rtol=1e-5)
+    assert int(torch.argmax(restricted)) + TEXT_ROWS == int(torch.argmax(masked))
+    ids = _assert_same_distribution(restricted, masked, TEXT_ROWS, SamplingParams(), 0)
+    assert ids.min() >= TEXT_ROWS
+    bf16 = sh.speech_head_logits(hidden, weight, TEXT_ROWS)
     assert bf16.dtype == torch.bfloat16 and bf16.shape == (1006,)

@@ -50,12 +50,12 @@ def test_static_prefill_equals_eager(weights, one_torch_thread, kind, start, n_v
     vocab = w.arch.vocab_size
     prefix, chunk, pads = _ids(start, vocab, 1), _ids(n_valid, vocab, 2), _ids(bucket - n_valid, vocab, 3)
 
-    ref = LlamaModel(w, max_seq=MAX_SEQ)
+    ref = LlamaModel(w, max_seq=MAX_SEQ, unit_rows_start=None)
     if start:
         ref.prefill(prefix, 0)
     want = ref.prefill(chunk, start)
 
-    got = LlamaModel(w, max_seq=MAX_SEQ)
+    got = LlamaModel(w, max_seq=MAX_SEQ, unit_rows_start=None)
     if start:
         got.prefill(prefix, 0)
     for t in (got.cache.k, got.cache.v):
@@ -86,7 +86,7 @@ def test_static_prefill_ignores_pad_ids(weights, one_torch_thread):
     chunk = _ids(7, w.arch.vocab_size, 4)
     outs = []
     for seed in (5, 6):
-        m = LlamaModel(w, max_seq=MAX_SEQ)
+        m = LlamaModel(w, max_seq=MAX_SEQ, unit_rows_start=None)
         logits = torch.empty(w.arch.vocab_size)
         m.prefill_static(torch.cat([chunk, _ids(25, w.arch.vocab_size, seed)]), torch.tensor([4]), torch.tensor([7]), logits)
         outs.append(logits)
@@ -125,7 +125,8 @@ def test_plan_prefill_chunks():
 
 
 def _engine(w: LlamaWeights, bucketed: bool, **kw) -> DecodeEngine:
-    eng = DecodeEngine(w, prefill_buckets=(16, 32), **kw)
+    # Prefill only (decodes run outside speech mode): no speech head, and no id opens a unit span.
+    eng = DecodeEngine(w, prefill_buckets=(16, 32), unit_rows_start=None, unit_span_ids=(-1, -1), **kw)
     eng.prefill_bucketed = bucketed  # off CUDA the bucket path runs eagerly: same chunking, no capture
     return eng
 
@@ -179,7 +180,7 @@ def test_static_prefill_reads_nothing_on_the_host():
 
     h, i, kv, v = GQA.hidden_size, GQA.intermediate_size, GQA.kv_dim, GQA.vocab_size
     layers = [LayerWeights(meta(h), meta(h + 2 * kv, h), meta(h, h), meta(h), meta(2 * i, h), meta(h, i)) for _ in range(2)]
-    model = LlamaModel(LlamaWeights(GQA, meta(v, h), layers, meta(h), meta(v, h)), max_seq=MAX_SEQ)
+    model = LlamaModel(LlamaWeights(GQA, meta(v, h), layers, meta(h), meta(v, h)), max_seq=MAX_SEQ, unit_rows_start=None)
     ids = torch.zeros(16, dtype=torch.long, device="meta")
     start, n_valid = torch.zeros(1, dtype=torch.long, device="meta"), torch.ones(1, dtype=torch.long, device="meta")
     logits = model.prefill_static(ids, start, n_valid, torch.empty(v, device="meta"))
