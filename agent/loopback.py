@@ -177,6 +177,9 @@ class RecordingOutput(AudioOutput):
             keep = int(np.clip(round((now - piece.start) * self.sample_rate), 0, piece.samples.shape[0]))
             piece.samples = piece.samples[:keep]  # the recording keeps only what was heard
             played += keep
+        unplayed = {id(p) for p in seg.frames if p.samples.shape[0] == 0}
+        seg.frames[:] = [p for p in seg.frames if id(p) not in unplayed]
+        self.timeline[:] = [p for p in self.timeline if id(p) not in unplayed]
         if seg.finisher is not None:
             seg.finisher.cancel()
         event = PlaybackFinished(played / self.sample_rate, True, now, seg.underruns)

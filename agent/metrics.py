@@ -45,6 +45,7 @@ class TurnMetrics:
     first_frame_handed: float | None = None
     first_frame_played: float | None = None
     playback_end: float | None = None
+    interrupted_at: float | None = None  # barge-in decision (the output was cleared then)
     # counts
     input_units: int = 0
     prompt_tokens: int = 0

@@ -126,6 +126,16 @@ class SessionConfig:
                        pause_silence_s=self.tentative_silence_s if self.preemptive_reply else None)
 
 
+@dataclass
+class TurnRecord:
+    """What a turn fed the LLM and got back (for tests, benchmarks and debugging)."""
+
+    units: list[int] = field(default_factory=list)  # the question's final reduced units
+    prompt: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated, up to where decoding stopped
+    logits: object | None = None  # fp32 logits after the prompt (the first token's distribution)
+
+
 class StageError(RuntimeError):
     def __init__(self, stage: str, message: str):
         super().__init__(message)
@@ -153,10 +163,11 @@ class _Reply:
     offset: float
     end_sample: int
     seed: int
+    record: TurnRecord = field(default_factory=TurnRecord)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     gate: threading.Event = field(default_factory=threading.Event)  # the decode worker waits here before units
     stop: threading.Event = field(default_factory=threading.Event)
-    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
+    parsed: asyncio.Queue = field(default_factory=asyncio.Queue)  # (parser events, time) from the decode worker
     audio: asyncio.Queue = field(default_factory=asyncio.Queue)  # vocoder futures, in order
     stream: object | None = None
     task: asyncio.Task | None = None
@@ -240,6 +251,7 @@ class Session:
         self.state = AgentState.INITIALIZING
         self.turns: list[TurnMetrics] = []  # finished turns, in order
         self.replies: dict[int, np.ndarray] = {}  # turn -> the reply audio handed to the output
+        self.records: dict[int, TurnRecord] = {}  # turn -> what the LLM read and wrote (answered turns)
         self.error_count = 0
         self.rejected_frames = 0
         self._listening: _UserTurn | None = None
@@ -460,6 +472,7 @@ class Session:
 
     def _barge_in(self, reply: _Reply) -> None:
         finished = self.output.clear_buffer()  # silence first
+        reply.metrics.interrupted_at = self.clock.now()
         self._halt(reply)
         self._complete(reply, finished or PlaybackFinished(0.0, True, self.clock.now()))
 
@@ -469,6 +482,7 @@ class Session:
             units, m.units_compute_s = await asyncio.wrap_future(self._submit(self._hubert, self._final_units, r.end_sample))
             m.final_units_ready = self.clock.now()
             m.input_units = len(units)
+            r.record.units = units
             if not units:
                 raise StageError("units", "the turn produced no speech units")
             r.stage = "prompt"
@@ -476,6 +490,7 @@ class Session:
             prompt = self.conversation.prompt_ids(units)
             m.evicted_turns = self.conversation.evicted - evicted
             m.prompt_tokens = len(prompt)
+            r.record.prompt = prompt
             r.stage = "prefill"
             units_start = len(prompt) - len(self.conversation.builder.tail_ids) - len(units)
             await asyncio.wrap_future(self._submit(self._llm, self._prefill_reply, r, prompt, units_start))
@@ -484,12 +499,11 @@ class Session:
             decoding = self._submit(self._llm, self._decode, r, prompt)
             await r.released.wait()
             r.playout = asyncio.get_running_loop().create_task(self._play(r))
-            while (item := await r.tokens.get()) is not None:
-                self._on_token(r, *item)
+            while (item := await r.parsed.get()) is not None:
+                events, at = item
+                for event in events:
+                    self._on_parsed(r, event, at)
             await asyncio.wrap_future(decoding)  # a decode failure surfaces here
-            if not r.parser.done:
-                for event in r.parser.finish("cancelled" if r.stop.is_set() else "length"):
-                    self._on_parsed(r, event, self.clock.now())
             if r.units and not r.span_ended:
                 r.audio.put_nowait(self._submit(self._vocoder, self._flush_vocoder, r))
             r.audio.put_nowait(None)
@@ -518,9 +532,10 @@ class Session:
         _, reduced = self.model.units.extract(audio)
         return [int(u) for u in reduced], time.perf_counter() - t0
 
-    def _sync_kv(self, target: list[int], need_logits: bool) -> tuple[int, int, int]:  # LLM thread
+    def _sync_kv(self, target: list[int], need_logits: bool) -> tuple[int, int, int, object]:  # LLM thread
         """Make the KV cache hold `target`: keep the common prefix, prefill the rest (at least the last token when
-        logits are needed). Returns (tokens kept, tokens prefilled, tokens rolled back)."""
+        logits are needed). Returns (tokens kept, tokens prefilled, tokens rolled back, logits or None)."""
+        logits = None
         keep = _common_prefix(self.kv_ids, target)
         if need_logits:
             keep = min(keep, len(target) - 1)
@@ -530,17 +545,18 @@ class Session:
                 self.engine.truncate(keep)
             self.kv_ids = self.kv_ids[:keep]
             if len(target) > keep:
-                self.engine.prefill(target[keep:], start_pos=keep)
+                logits = self.engine.prefill(target[keep:], start_pos=keep)
             self.kv_ids = list(target)
         except Exception:
             self.kv_ids = []  # unknown cache contents: the next prefill starts from position 0
             self.engine.truncate(0)
             raise
-        return keep, len(target) - keep, rolled
+        return keep, len(target) - keep, rolled, logits
 
     def _prefill_reply(self, r: _Reply, prompt: list[int], units_start: int) -> None:  # LLM thread
         t0 = time.perf_counter()
-        keep, prefilled, rolled = self._sync_kv(prompt, need_logits=True)
+        keep, prefilled, rolled, logits = self._sync_kv(prompt, need_logits=True)
+        r.record.logits = logits.clone()
         m = r.metrics
         m.prefill_compute_s = time.perf_counter() - t0
         m.eot_prefill_tokens = prefilled
@@ -548,40 +564,43 @@ class Session:
         m.rollback_tokens = rolled  # cached tokens dropped (changed provisional units, a re-rendered history)
 
     def _decode(self, r: _Reply, prompt: list[int]) -> None:  # LLM thread
+        """Decode and parse here (the parser is cheap), so decoding stops at the exact token that ends the answer;
+        the loop receives (parser events, time) in order."""
         cfg = self.config
         budget = min(cfg.max_new_tokens, self.engine.max_seq - len(prompt))
         if budget < 1:
             raise StageError("decode", f"a {len(prompt)}-token prompt leaves no room to answer")
         t0 = time.perf_counter()
-        stream = self.engine.decode(cfg.sampling, seed=r.seed, max_new_tokens=budget, speech_mode=cfg.speech_head)
-        r.stream = stream
-        if r.stop.is_set():
-            stream.cancel()
         sosp = self.vocab.sosp
         first_unit = True
+        stream = None
         try:
+            stream = self.engine.decode(cfg.sampling, seed=r.seed, max_new_tokens=budget, speech_mode=cfg.speech_head)
+            r.stream = stream
+            if r.stop.is_set():
+                stream.cancel()
             for token in stream:
-                self._call_soon(r.tokens.put_nowait, (token, self.clock.now()))
-                if self.vocab.is_unit(token) and first_unit:
+                events = r.parser.feed(token)
+                self._call_soon(r.parsed.put_nowait, (events, self.clock.now()))
+                if first_unit and self.vocab.is_unit(token):
                     first_unit = False
                     r.metrics.decode_compute_s = time.perf_counter() - t0
-                if token == sosp and not r.gate.is_set():
+                if r.parser.done:
+                    stream.cancel()  # the answer is complete (the final "." and EOS add nothing)
+                elif token == sosp and not r.gate.is_set():
                     r.gate.wait()  # preemptive: hold before the unit span until the end of turn is decided
                 if r.stop.is_set():
                     stream.cancel()
+            if not r.parser.done:
+                reason = "cancelled" if r.stop.is_set() else "length"
+                self._call_soon(r.parsed.put_nowait, (r.parser.finish(reason), self.clock.now()))
         finally:
-            stream.close()
-            self.kv_ids = prompt + stream.tokens[:-1]  # the last token was never fed to the model
-            r.metrics.new_tokens = len(stream.tokens)
-            self._call_soon(r.tokens.put_nowait, None)
-
-    def _on_token(self, r: _Reply, token: int, at: float) -> None:
-        for event in r.parser.feed(token):
-            self._on_parsed(r, event, at)
-        if r.parser.done and not r.stop.is_set():
-            r.stop.set()  # the answer is complete: stop decoding (the final "." and EOS add nothing)
-            if r.stream is not None:
-                r.stream.cancel()
+            if stream is not None:
+                stream.close()
+                self.kv_ids = prompt + stream.tokens[:-1]  # the last token was never fed to the model
+                r.metrics.new_tokens = len(stream.tokens)
+                r.record.tokens = list(stream.tokens)
+            self._call_soon(r.parsed.put_nowait, None)
 
     def _on_parsed(self, r: _Reply, event, at: float) -> None:
         m, turn = r.metrics, r.turn.index
@@ -671,6 +690,7 @@ class Session:
         m.transcript, m.text_answer = r.transcript, text
         if r.frames:
             self.replies[r.turn.index] = np.concatenate(r.frames)
+        self.records[r.turn.index] = r.record
         if r.transcript and not r.transcript_final:
             self.events.emit(UserTranscript(r.turn.index, r.transcript, final=True))
         if r.transcript or text:
