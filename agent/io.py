@@ -38,6 +38,10 @@ class PlaybackFinished:
 
 
 class AudioInput(abc.ABC):
+    # True when frame timestamps are already on the session's clock (a loopback input made with that clock);
+    # otherwise the session stamps frames itself, contiguously from their arrival.
+    timestamps_on_session_clock: bool = False
+
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[AudioFrame]: ...
 

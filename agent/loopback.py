@@ -48,6 +48,8 @@ def render_timeline(pieces: list[TimedAudio], start: float, end: float, sample_r
 class LoopbackInput(AudioInput):
     """Frames from arrays, delivered in real time on `clock`. Drive it with play() / silence() from a task."""
 
+    timestamps_on_session_clock = True
+
     def __init__(self, clock: SessionClock, sample_rate: int = SAMPLE_RATE, frame_ms: int = 20):
         self.clock = clock
         self.sample_rate = sample_rate

@@ -228,7 +228,7 @@ def test_bundle_errors_name_what_is_missing(tmp_path):
 def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert cli_main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("make-tiny", "respond", "convert", "bench-decode", "bench-units", "bench-vocoder", "export-vocoder", "demo"):
+    for name in ("make-tiny", "respond", "convert", "bench-decode", "bench-units", "bench-vocoder", "export-vocoder", "demo", "chat"):
         assert name in out
     assert cli_main(["frobnicate"]) == 2
 
