@@ -30,6 +30,8 @@ from collections import Counter, OrderedDict, defaultdict, deque
 from pathlib import Path
 from typing import Any
 
+from streaming.load_errors import unreadable
+
 # Globals replaced by inert stand-ins: whole module trees, and single (module, name) pairs.
 STANDIN_MODULE_PREFIXES: tuple[str, ...] = ("fairseq", "omegaconf")
 STANDIN_GLOBALS: frozenset[tuple[str, str]] = frozenset({("argparse", "Namespace")})
@@ -320,6 +322,7 @@ def load_fairseq_checkpoint(path: str | Path, *, mmap: bool | None = None) -> di
 
     `mmap=None` memory-maps zip-format checkpoints (torch >= 1.6) and reads legacy ones into memory.
     The file is trusted only as far as the allow-list goes: no global outside it can be resolved.
+    An empty, truncated or non-checkpoint file raises `streaming.load_errors.UnreadableFile` naming it.
     """
     import torch
 
@@ -328,13 +331,18 @@ def load_fairseq_checkpoint(path: str | Path, *, mmap: bool | None = None) -> di
         raise FileNotFoundError(f"{path}: fairseq checkpoint not found")
     if mmap is None:
         mmap = zipfile.is_zipfile(path)
-    state = torch.load(
-        path,
-        map_location="cpu",
-        pickle_module=restricted_pickle_module(str(path)),
-        weights_only=False,
-        mmap=mmap,
-    )
+    try:
+        state = torch.load(
+            path,
+            map_location="cpu",
+            pickle_module=restricted_pickle_module(str(path)),
+            weights_only=False,
+            mmap=mmap,
+        )
+    except UnpicklingRefused:
+        raise  # already names the file and the refused global
+    except Exception as exc:  # noqa: BLE001 - EOFError, RuntimeError (zip), UnpicklingError...: the file is broken
+        raise unreadable(path, "torch checkpoint", exc) from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a fairseq checkpoint dict at the top level, got {type(state).__name__}")
     return state

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from streaming.fairseq_pickle import load_fairseq_checkpoint, plain_data, resolve_interpolations
+from streaming.load_errors import unreadable
 
 SAMPLE_RATE = 16000
 OUTPUT_LAYER = 11  # fairseq output_layer=11: the 11th transformer block's output
@@ -518,6 +519,7 @@ def save_converted_hubert(model, normalize: bool, out_dir: str | Path) -> Path:
 
 
 def load_converted_hubert(path: str | Path, device: str | torch.device = "cpu") -> HubertReader:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -525,7 +527,12 @@ def load_converted_hubert(path: str | Path, device: str | torch.device = "cpu") 
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing from the converted HuBERT directory")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise unreadable(config_path, "JSON file", exc) from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     ours = config.get(CONVERTED_KEY)
     if not isinstance(ours, dict) or "normalize" not in ours:
         raise ValueError(f"{config_path}: no '{CONVERTED_KEY}.normalize' entry (not written by save_converted_hubert)")
@@ -545,8 +552,11 @@ def load_converted_hubert(path: str | Path, device: str | torch.device = "cpu") 
     geometry = tuple(zip(config.get("conv_kernel", ()), config.get("conv_stride", ())))
     if geometry != CONV_GEOMETRY or config.get("feat_extract_norm") != "group" or config.get("do_stable_layer_norm"):
         raise UnsupportedCheckpoint(f"{config_path}: not a group-norm post-LN HuBERT with the 400/320 front end")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:  # SafetensorError is no ValueError and does not name the file
+        raise unreadable(weights_path, "safetensors file", exc) from exc
     model = build_hf_hubert(arch, num_hidden_layers=config["num_hidden_layers"])
-    state = load_file(str(weights_path))
     expected = _expected_shapes(model)
     problems = sorted(set(expected) ^ set(state))
     problems += [f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in expected

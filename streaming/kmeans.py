@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from streaming.fairseq_pickle import InertStandIn, UnpicklingRefused, is_standin, resolve_global, standin_class
+from streaming.load_errors import unreadable
 
 CENTERS_FILE = "centers.npy"
 NUM_UNITS = 1000
@@ -156,7 +157,7 @@ def centers_from_joblib(path: str | Path) -> np.ndarray:
     except UnpicklingRefused:
         raise
     except Exception as exc:  # corrupt / not a joblib pickle
-        raise ValueError(f"{path}: not a readable joblib k-means pickle ({type(exc).__name__}: {exc})") from exc
+        raise unreadable(path, "joblib k-means pickle", exc) from exc
     if not is_standin(obj):
         raise ValueError(f"{path}: expected a pickled sklearn KMeans/MiniBatchKMeans, got {type(obj).__name__}")
     centers = obj.standin_dict.get("cluster_centers_")
@@ -173,7 +174,10 @@ def load_kmeans(path: str | Path, device: str | torch.device = "cpu") -> KMeansQ
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no k-means file (.bin joblib pickle or {CENTERS_FILE}) here")
     if path.suffix == ".npy":
-        centers = np.load(path, allow_pickle=False)
+        try:
+            centers = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:  # numpy's messages do not name the file
+            raise unreadable(path, ".npy array file", exc) from exc
     else:
         centers = centers_from_joblib(path)
     return KMeansQuantizer(centers, device, source=str(path))

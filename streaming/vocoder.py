@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streaming.load_errors import unreadable_message
 from streaming.vocoder_types import ReceptiveField, validate_units
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class VocoderConfigError(ValueError):
 
 
 class VocoderCheckpointError(ValueError):
-    """A checkpoint file does not match the architecture its config.json describes."""
+    """A checkpoint file cannot be read, or does not match the architecture its config.json describes."""
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -122,8 +124,8 @@ class VocoderConfig:
             raise FileNotFoundError(f"vocoder config not found: {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise VocoderConfigError(f"{path}: not valid JSON ({exc})") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise VocoderConfigError(unreadable_message(path, "JSON file", exc)) from exc
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -588,14 +590,21 @@ def load_release_checkpoint(
         raise FileNotFoundError(f"vocoder checkpoint not found: {checkpoint_path}")
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the same explanation
+    except pickle.UnpicklingError as exc:  # how torch refuses a global outside the weights-only allow-list
         if not allow_unsafe_pickle:
             raise VocoderCheckpointError(
                 f"{checkpoint_path}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: {exc}). "
                 "The release g_00500000 holds only tensors; if you trust this file, pass allow_unsafe_pickle=True."
             ) from exc
         log.warning("%s: loading with weights_only=False (trusted by the caller)", checkpoint_path)
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as unsafe_exc:  # noqa: BLE001 - a broken file, whatever the reader said
+            raise VocoderCheckpointError(
+                unreadable_message(checkpoint_path, "torch checkpoint", unsafe_exc)
+            ) from unsafe_exc
+    except Exception as exc:  # noqa: BLE001 - EOFError (empty), RuntimeError (truncated zip)...: a broken file
+        raise VocoderCheckpointError(unreadable_message(checkpoint_path, "torch checkpoint", exc)) from exc
     if not isinstance(checkpoint, dict) or "generator" not in checkpoint:
         found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise VocoderCheckpointError(
@@ -637,8 +646,8 @@ def load_converted(weights_path: str | Path, config_path: str | Path) -> UnitVoc
         raise FileNotFoundError(f"converted vocoder weights not found: {weights_path}")
     try:
         state = load_file(str(weights_path))
-    except SafetensorError as exc:
-        raise VocoderCheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    except (SafetensorError, OSError) as exc:
+        raise VocoderCheckpointError(unreadable_message(weights_path, "safetensors file", exc)) from exc
     model = UnitVocoder(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(state, expected, str(weights_path), "converted state dict")

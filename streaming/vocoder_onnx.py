@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from streaming.load_errors import unreadable
 from streaming.vocoder_types import ReceptiveField
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,12 @@ def read_metadata(onnx_dir: str | Path) -> dict[str, Any]:
     path = onnx_dir / METADATA_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{onnx_dir}: no {METADATA_NAME} (run `speechgpt-rt export-vocoder` first)")
-    metadata = json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise unreadable(path, "JSON file", exc) from exc
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
     if metadata.get("format") != FORMAT_TAG:
         raise ValueError(f"{path}: format {metadata.get('format')!r}, expected {FORMAT_TAG!r}")
     files = [metadata["duration_predictor"]["file"], metadata["generator"]["file"]]
@@ -312,6 +318,12 @@ def read_metadata(onnx_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"{onnx_dir}: files named in {METADATA_NAME} are missing: {missing}")
     return metadata
+
+
+def _is_model_load_error(exc: BaseException) -> bool:
+    """onnxruntime could not parse the .onnx file itself (as opposed to a provider or option problem)."""
+    # onnxruntime's exception classes live in its compiled module; its messages for unparsable files are stable
+    return type(exc).__name__ in ("InvalidProtobuf", "NoModel") or "Load model from" in str(exc)
 
 
 @dataclass
@@ -404,6 +416,8 @@ class OnnxVocoderRuntime:
                 path, sess_options=self._session_options(), providers=self._providers(cuda_graph, fixed_shape)
             )
         except Exception as exc:  # noqa: BLE001 - an older provider may reject an option: retry with defaults
+            if _is_model_load_error(exc):  # a broken file stays broken with other provider options
+                raise unreadable(path, "ONNX model", exc) from exc
             if self.device == "cpu":
                 raise
             self.notes.append(f"{key}: CUDA options rejected ({type(exc).__name__}: {exc}); provider defaults used")
