@@ -16,6 +16,7 @@ def test_readme_python_example_runs(tiny_bundle, monkeypatch, capsys):
         code = code.replace('".cache/tiny-bundle"', repr(str(tiny_bundle)))
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
-    assert "transcript" in out and "text_answer" in out
+    assert "transcript: 'canned question" in out and "text_answer: 'Canned answer" in out
+    assert "UserTranscript 'canned question" in out and "AgentText 'Canned answer" in out
     frames = int(re.search(r"\| (\d+) frames of 20 ms", out).group(1))
     assert frames > 0  # the answer's unit span reached the vocoder
