@@ -71,9 +71,11 @@ class SpeechGPTModel:
         """A decode engine for one more conversation: own KV cache and graphs, shared weights and tuning."""
         return self.engine.fork()
 
-    def session(self, input, output, config=None, clock=None, name: str | None = None):
-        """A conversation over `input` / `output` (agent.io contracts). Run it with `await session.run()`."""
+    def session(self, input, output, config=None, clock=None, name: str | None = None,
+                attributes: dict[str, str] | None = None):
+        """A conversation over `input` / `output` (agent.io contracts). Run it with `await session.run()`.
+        `attributes`: what the transport knows of the conversation (a caller id, a room name), kept on the session."""
         from agent.session import Session
 
         self._sessions += 1
-        return Session(self, input, output, config, clock, name=name or f"session-{self._sessions}")
+        return Session(self, input, output, config, clock, name=name or f"session-{self._sessions}", attributes=attributes)

@@ -226,8 +226,9 @@ class Session:
     """See the module doc. Made by `SpeechGPTModel.session()`; `await run()` until the input ends."""
 
     def __init__(self, model, input: AudioInput, output: AudioOutput, config: SessionConfig | None = None,
-                 clock: SessionClock | None = None, name: str = "session"):
+                 clock: SessionClock | None = None, name: str = "session", attributes: dict[str, str] | None = None):
         self.model = model
+        self.attributes = dict(attributes or {})  # what the transport knows of the conversation (caller id, room...)
         self.config = config or SessionConfig()
         self.clock = clock or SessionClock()
         self.input = input
