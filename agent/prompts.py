@@ -1,6 +1,7 @@
 """SpeechGPT's prompt format, exactly as the official inference code builds it.
 
-Source of every string: the released `speechgpt/src/infer/cli_infer.py` (see the reference notes, section A.3).
+Source of every string: the released `speechgpt/src/infer/cli_infer.py`, as described in docs/speechgpt-format.md,
+System prompt; docs/speechgpt-format.md, Turn template; docs/speechgpt-format.md, Task wording.
 The model was trained on these bytes; a changed space changes the token ids it sees.
 """
 

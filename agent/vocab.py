@@ -14,7 +14,7 @@ from agent.prompts import EOH, EOSP, HUMAN, NUM_UNITS, SOSP, SPEECHGPT
 
 EXTRA_SPECIALS = (SOSP, EOSP, HUMAN, SPEECHGPT, EOH, "<eos>")
 
-# What the released SpeechGPT-7B-cm / -com tokenizer files contain (reference notes A.5).
+# What the released SpeechGPT-7B-cm / -com tokenizer files contain (docs/speechgpt-format.md, Vocabulary ids).
 RELEASE_TABLE: dict[str, int] = {
     "<0>": 32000,
     "<999>": 32999,

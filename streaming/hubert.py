@@ -1,11 +1,12 @@
 """mHuBERT layer-11 features: the fairseq checkpoint mapped onto transformers `HubertModel`, fp32, no fairseq.
 
-Facts (speechgpt.md B/C): fairseq HuBERT base = conv front end [(512,10,5)] + [(512,3,2)]*4 + [(512,2,2)]*2 with
-GroupNorm on conv layer 0 only ("default" extractor mode, no conv bias), GELU; LayerNorm(512) + Linear(512->768);
-encoder x + GELU(SamePad(weight-normed grouped conv, k=128)) -> LayerNorm -> post-LN blocks. Layer 11 (1-based)
-is the output of the 11th block, with no final norm, so a `HubertModel` built with `num_hidden_layers=11`
-returns it as `last_hidden_state`. The official reader splits the (optionally layer-normed) waveform into
-independent 100 s chunks (1,600,000 samples) and concatenates their features; it never pads or batches.
+Facts (docs/speechgpt-format.md, mHuBERT checkpoint; docs/speechgpt-format.md, Unit extraction rules): fairseq
+HuBERT base = conv front end [(512,10,5)] + [(512,3,2)]*4 + [(512,2,2)]*2 with GroupNorm on conv layer 0 only
+("default" extractor mode, no conv bias), GELU; LayerNorm(512) + Linear(512->768); encoder
+x + GELU(SamePad(weight-normed grouped conv, k=128)) -> LayerNorm -> post-LN blocks. Layer 11 (1-based) is the
+output of the 11th block, with no final norm, so a `HubertModel` built with `num_hidden_layers=11` returns it as
+`last_hidden_state`. The official reader splits the (optionally layer-normed) waveform into independent 100 s
+chunks (1,600,000 samples) and concatenates their features; it never pads or batches.
 
 Frame geometry: receptive field 400 samples, hop 320; frames = floor((L - 400) / 320) + 1.
 

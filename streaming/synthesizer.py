@@ -1,8 +1,8 @@
 """Streaming unit-to-speech: chunked unit HiFi-GAN whose output equals whole-utterance synthesis.
 
 Units arrive one by one (or in bursts) while the LLM decodes. Facts that make exact chunking possible
-(speechgpt.md D.4): a unit's duration depends on units [i-2, i+2]; an audio frame depends on expanded frames
-[f-21, f+21]. So, in exact mode:
+(docs/speechgpt-format.md, Vocoder receptive field): a unit's duration depends on units [i-2, i+2]; an audio frame
+depends on expanded frames [f-21, f+21]. So, in exact mode:
 - a unit's duration is final once 2 more units arrived (or at `flush()`);
 - frames [a, b) are generated from the window [a-21, b+21) (clipped at the real start / end) and cropped.
 Both windows reproduce the whole utterance's zero padding only at the real ends, so the audio equals

@@ -1,8 +1,8 @@
 """The reference speech-to-unit extractor: whole utterance -> mHuBERT layer 11 -> k-means 1000 -> (dedup).
 
-This is the behaviour SpeechGPT was trained with (speechgpt.md B): raw 16 kHz mono waveform (layer-normed only
-if the checkpoint says so), independent 100 s chunks, fp32, nearest centre, run-length dedup. The incremental
-extractor (`streaming.incremental_units`) uses it for exact end-of-turn units.
+This is the behaviour SpeechGPT was trained with (docs/speechgpt-format.md, Unit extraction rules): raw 16 kHz mono
+waveform (layer-normed only if the checkpoint says so), independent 100 s chunks, fp32, nearest centre, run-length
+dedup. The incremental extractor (`streaming.incremental_units`) uses it for exact end-of-turn units.
 """
 
 from __future__ import annotations

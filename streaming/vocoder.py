@@ -1,9 +1,9 @@
 """The reference unit vocoder: fairseq's CodeHiFiGAN generator + duration predictor, in plain torch.
 
-Facts (speechgpt.md D): unit embedding `dict` -> duration predictor (two k3 convs with ReLU + LayerNorm, a linear
-projection to log(dur + 1)) -> `repeat_interleave` -> HiFi-GAN (conv_pre k7, 5 stages of leaky_relu(0.1) ->
-ConvTranspose1d -> average of three "1"-type residual blocks, final leaky_relu with the DEFAULT slope 0.01,
-conv_post k7, tanh) -> 320 samples of 16 kHz audio per expanded frame.
+Facts (docs/speechgpt-format.md, Vocoder forward pass): unit embedding `dict` -> duration predictor (two k3 convs
+with ReLU + LayerNorm, a linear projection to log(dur + 1)) -> `repeat_interleave` -> HiFi-GAN (conv_pre k7,
+5 stages of leaky_relu(0.1) -> ConvTranspose1d -> average of three "1"-type residual blocks, final leaky_relu with
+the DEFAULT slope 0.01, conv_post k7, tanh) -> 320 samples of 16 kHz audio per expanded frame.
 
 The release checkpoint (`vocoder.pt` = fairseq `g_00500000`) stores weight-normed layers (weight_g / weight_v);
 weight norm is folded once at load, so the module holds plain fp32 conv weights.
@@ -41,7 +41,8 @@ CONVERTED_WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CONVERTED_FORMAT_TAG = "speechgpt-rt-vocoder"
 
-# The release config.json (speechgpt.md D.1), training-only fields included so written files look like the real one.
+# The release config.json (docs/speechgpt-format.md, Vocoder files), training-only fields included so written files
+# look like the real one.
 RELEASE_CONFIG: dict[str, Any] = {
     "resblock": "1",
     "num_gpus": 0,

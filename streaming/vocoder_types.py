@@ -15,7 +15,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ReceptiveField:
-    """Context needed for exact chunked synthesis (speechgpt.md D.4)."""
+    """Context needed for exact chunked synthesis (docs/speechgpt-format.md, Vocoder receptive field)."""
 
     left_frames: int  # expanded frames before a frame that its audio depends on
     right_frames: int  # expanded frames after it

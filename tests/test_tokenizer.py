@@ -38,7 +38,8 @@ def test_decode_matches_transformers_4_33(tok, case):
 
 
 def test_prompt_edge_rules(tok):
-    """The A.5 edge cases, spelled out (the goldens cover them too; this says what each rule does)."""
+    """The prompt-edge cases of docs/speechgpt-format.md, Tokenizer rules, spelled out (the goldens cover them too;
+    this says what each rule does)."""
     units = [12, 7, 7, 999, 0]
     prompt = prompt_for(Task.SPEECH, units=units)
     assert prompt == META_INSTRUCTION + "[Human]: <sosp><12><7><999><0><eosp> <eoh>. [SpeechGPT]: "

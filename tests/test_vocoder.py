@@ -1,4 +1,5 @@
-"""The reference unit vocoder (streaming/vocoder.py) against an independent implementation of speechgpt.md D.3.
+"""The reference unit vocoder (streaming/vocoder.py) against an independent implementation of the description in
+docs/speechgpt-format.md, Vocoder forward pass.
 
 The reference below is written from the description alone: it reads the RAW release state dict (weight_g /
 weight_v), folds weight norm itself, and runs the network with its own F.conv1d / F.conv_transpose1d calls in

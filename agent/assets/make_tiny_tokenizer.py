@@ -1,8 +1,8 @@
 """Make `tiny_tokenizer.model`: a LLaMA-like stand-in for the released SpeechGPT/LLaMA `tokenizer.model`.
 
 The real LLaMA SentencePiece model cannot be downloaded here, but tests and the demo need a real model with the
-release's layout and normalisation rules (reference notes A.5/A.5b), because the prompt-edge cases (the trailing
-": " after "[SpeechGPT]", runs of spaces, byte fallback for "\\n") only show with those rules:
+release's layout and normalisation rules (docs/speechgpt-format.md, SentencePiece model), because the prompt-edge
+cases (the trailing ": " after "[SpeechGPT]", runs of spaces, byte fallback for "\\n") only show with those rules:
 
     32000 pieces: 0 <unk> (UNKNOWN), 1 <s>, 2 </s> (CONTROL), 3..258 <0x00>..<0xFF> (BYTE), then merged pieces;
     BPE, byte_fallback, split_digits, identity normaliser, add_dummy_prefix ON, remove_extra_whitespaces OFF,
