@@ -123,7 +123,7 @@ def run(args) -> int:
 async def _chat(args, turns: list[np.ndarray]) -> int:
     from agent.clock import SessionClock
     from agent.loopback import LoopbackInput, RecordingOutput
-    from agent.metrics import MetricsLog, PrometheusExporter, format_table
+    from agent.metrics import LoopMonitor, MetricsLog, PrometheusExporter, format_table
     from agent.model import SpeechGPTModel
     from agent.session import SessionConfig
     from agent.events import TurnCompleted, UserTranscript
@@ -157,17 +157,22 @@ async def _chat(args, turns: list[np.ndarray]) -> int:
                 exporter.observe(m)
 
     session.events.on(show)
+    monitor = LoopMonitor()
+    monitor.start()
     try:
         await converse(session, user_input, turns, gap_s=args.gap)
     finally:
+        loop_stalls = monitor.stop()
         if exporter is not None:
             exporter.close()
     written = write_outputs(args.output_dir, session, user_input, output)
     print("\n" + format_table(session.turns))
+    print(f"event loop: longest stall {loop_stalls['max_ms']:.1f} ms, p99 {loop_stalls['p99_ms']:.1f} ms "
+          "(the loop only routes; model calls run on the session's worker threads)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         doc = {"config": {k: str(v) for k, v in vars(args).items()}, "turns": [m.to_dict() for m in session.turns],
-               "summary": summary(session.turns), "errors": session.error_count}
+               "summary": summary(session.turns), "errors": session.error_count, "event_loop": loop_stalls}
         args.json.write_text(json.dumps(doc, indent=2, sort_keys=True))
         written.append(args.json)
     print("\n[chat] wrote " + ", ".join(str(p) for p in written))

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("agent.convert", "release files -> fast-loading deployment bundle (safetensors, no pickle)"),
     "bench-convert": ("agent.bench_convert", "peak memory of convert on a synthetic 1B-shaped fp32 checkpoint"),
     "export-vocoder": ("streaming.vocoder_onnx", "export the unit vocoder to ONNX"),
+    "bench-session": ("agent.bench_session", "session benchmark: speculative prefill and preemptive replies on vs off, side by side"),
     "bench-decode": ("kernels.bench_decode", "decode-engine benchmark vs HF eager and torch.compile"),
     "bench-units": ("streaming.bench_units", "incremental unit extractor benchmark"),
     "bench-vocoder": ("streaming.bench_vocoder", "streaming vocoder benchmark"),

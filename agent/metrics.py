@@ -4,6 +4,7 @@ Intervals (`TurnMetrics.intervals`), each None where a stage did not happen:
     eot_wait            last voiced frame -> final end-of-turn decision (the silence the VAD waited)
     units               final decision -> final units ready (0 when a kept preemptive reply had them already)
     prefill             final units ready -> prefill done
+    eot_work            final end-of-turn decision -> prefill done (the end-of-turn work before decoding starts)
     first_token         prefill done -> first transcript token
     first_unit          prefill done -> first unit of the spoken answer
     vocoder             first unit -> first vocoder audio
@@ -11,10 +12,13 @@ Intervals (`TurnMetrics.intervals`), each None where a stage did not happen:
     playout             first frame handed -> first frame played (the output's playout clock)
     response            final end-of-turn decision -> first frame played
     end_to_end          last voiced frame -> first frame played (what the user waits)
-Where a kept preemptive reply decoded before the decision, its stage timestamps are earlier than the decision and
-the intervals after it are clamped at 0 (the time saved is `preemptive_saved_s`).
-`overhead_s` = response minus the compute inside it (units, prefill, decode up to the first unit, vocoder up to the
-first audio, each measured where it ran): the pipeline's own cost (hand-offs, scheduling, the event loop).
+Where a kept preemptive reply worked before the decision, its stage timestamps are earlier than the decision: those
+stages count from the decision (an interval is 0 when its stage was done by then; the time saved is
+`preemptive_saved_s`).
+`overhead` = response minus the compute on its critical path (final units, prefill, decoding up to the unit that
+released the first audio, the vocoder call that produced it; each measured on the thread that ran it): the
+pipeline's own cost (hand-offs between threads, scheduling, the event loop, contention for the cores). Not given for
+kept preemptive replies, whose compute ran before the decision.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-INTERVALS = ("eot_wait", "units", "prefill", "first_token", "first_unit", "vocoder", "handoff", "playout", "response",
+INTERVALS = ("eot_wait", "units", "prefill", "eot_work", "first_token", "first_unit", "vocoder", "handoff", "playout", "response",
              "end_to_end", "overhead")
 
 
@@ -66,8 +70,8 @@ class TurnMetrics:
     # compute, seconds of wall time inside each stage
     units_compute_s: float = 0.0
     prefill_compute_s: float = 0.0
-    decode_compute_s: float = 0.0  # until the first unit
-    vocoder_compute_s: float = 0.0  # until the first audio
+    decode_compute_s: float = 0.0  # until the unit that released the first audio (the vocoder's lookahead)
+    vocoder_compute_s: float = 0.0  # the vocoder call that produced the first audio
     transcript: str = ""
     text_answer: str = ""
 
@@ -76,14 +80,22 @@ class TurnMetrics:
             return None
         return max(0.0, b - a)
 
+    def _after_decision(self, t: float | None) -> float | None:
+        """A stage that ran before the end-of-turn decision (a kept preemptive reply) counts from the decision."""
+        if t is None or self.final_eot is None:
+            return t
+        return max(t, self.final_eot)
+
     def intervals(self) -> dict[str, float | None]:
         start = self.final_units_ready if self.final_units_ready is not None else self.final_eot
+        prefill_done = self._after_decision(self.prefill_done)
         out = {
             "eot_wait": self._since(self.last_voiced, self.final_eot),
             "units": self._since(self.final_eot, self.final_units_ready),
-            "prefill": self._since(start, self.prefill_done),
-            "first_token": self._since(self.prefill_done, self.first_transcript_token),
-            "first_unit": self._since(self.prefill_done, self.first_unit),
+            "prefill": self._since(self._after_decision(start), self.prefill_done),
+            "eot_work": self._since(self.final_eot, self.prefill_done),
+            "first_token": self._since(prefill_done, self.first_transcript_token),
+            "first_unit": self._since(prefill_done, self.first_unit),
             "vocoder": self._since(self.first_unit, self.first_vocoder_audio),
             "handoff": self._since(self.first_vocoder_audio, self.first_frame_handed),
             "playout": self._since(self.first_frame_handed, self.first_frame_played),
@@ -190,3 +202,33 @@ def format_table(turns: list[TurnMetrics]) -> str:
 
 def _ms(v: float) -> str:
     return "-" if not math.isfinite(v) else f"{v * 1e3:.0f}"
+
+
+class LoopMonitor:
+    """How long the event loop was blocked: a task asks to wake every `period_s` (real time) and records how late
+    it woke. A session's loop only routes frames and events, so the worst stall should stay under one 20 ms frame."""
+
+    def __init__(self, period_s: float = 0.005):
+        self.period_s = period_s
+        self.lateness: list[float] = []
+        self._task = None
+
+    def start(self) -> None:
+        import asyncio
+
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        import asyncio
+        import time
+
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.period_s)
+            self.lateness.append(max(0.0, time.perf_counter() - t - self.period_s))
+
+    def stop(self) -> dict:
+        if self._task is not None:
+            self._task.cancel()
+        return {"max_ms": max(self.lateness, default=0.0) * 1e3, "p99_ms": percentile(self.lateness, 99) * 1e3,
+                "samples": len(self.lateness)}

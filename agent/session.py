@@ -183,6 +183,9 @@ class _Reply:
     frames: list[np.ndarray] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
+    decode_t0: float = 0.0  # perf_counter when decoding started
+    unit_perf: list[float] = field(default_factory=list)  # perf_counter when each unit token was decoded
+    gated_at: float | None = None  # session time a preemptive decode reached the unit span and waited
     done: asyncio.Future | None = None
 
     def halt(self) -> None:
@@ -447,9 +450,10 @@ class Session:
     def _release(self, reply: _Reply) -> None:
         m = reply.metrics
         if m.preemptive == "kept" and m.final_eot is not None and m.tentative_eot is not None:
-            # what had been computed by the decision would otherwise have started at it
-            ready = [t for t in (m.final_units_ready, m.prefill_done, m.first_unit) if t is not None]
-            m.preemptive_saved_s = max(0.0, min(m.final_eot, max(ready)) - m.tentative_eot) if ready else 0.0
+            # the work done between the tentative end and the decision (units, prefill, decoding up to the unit
+            # span) would otherwise have started at the decision
+            busy_until = m.final_eot if reply.gated_at is None else min(m.final_eot, reply.gated_at)
+            m.preemptive_saved_s = max(0.0, busy_until - m.tentative_eot)
         reply.released.set()
         reply.gate.set()
         self._set_state(AgentState.THINKING)
@@ -571,9 +575,8 @@ class Session:
         budget = min(cfg.max_new_tokens, self.engine.max_seq - len(prompt))
         if budget < 1:
             raise StageError("decode", f"a {len(prompt)}-token prompt leaves no room to answer")
-        t0 = time.perf_counter()
+        r.decode_t0 = t0 = time.perf_counter()
         sosp = self.vocab.sosp
-        first_unit = True
         stream = None
         try:
             stream = self.engine.decode(cfg.sampling, seed=r.seed, max_new_tokens=budget, speech_mode=cfg.speech_head)
@@ -583,13 +586,15 @@ class Session:
             for token in stream:
                 events = r.parser.feed(token)
                 self._call_soon(r.parsed.put_nowait, (events, self.clock.now()))
-                if first_unit and self.vocab.is_unit(token):
-                    first_unit = False
-                    r.metrics.decode_compute_s = time.perf_counter() - t0
+                if self.vocab.is_unit(token):
+                    r.unit_perf.append(time.perf_counter())
                 if r.parser.done:
                     stream.cancel()  # the answer is complete (the final "." and EOS add nothing)
                 elif token == sosp and not r.gate.is_set():
+                    r.gated_at = self.clock.now()
+                    gate_t = time.perf_counter()
                     r.gate.wait()  # preemptive: hold before the unit span until the end of turn is decided
+                    r.decode_t0 += time.perf_counter() - gate_t  # waiting is not decode compute
                 if r.stop.is_set():
                     stream.cancel()
             if not r.parser.done:
@@ -633,25 +638,24 @@ class Session:
             log.info("%s: turn %d answer issues: %s", self.name, turn, [i.value for i in event.response.issues])
 
     def _vocode(self, r: _Reply, unit: int) -> list[AudioFrame]:  # vocoder thread
-        if r.cancelled:
-            return []
-        t0 = time.perf_counter()
-        frames = self.synth.push(unit)
-        if r.metrics.first_vocoder_audio is None:
-            r.metrics.vocoder_compute_s += time.perf_counter() - t0
-            if frames:
-                r.metrics.first_vocoder_audio = self.clock.now()
-        return frames
+        return self._synthesize(r, lambda: self.synth.push(unit))
 
     def _flush_vocoder(self, r: _Reply) -> list[AudioFrame]:  # vocoder thread
+        return self._synthesize(r, self.synth.flush)
+
+    def _synthesize(self, r: _Reply, step) -> list[AudioFrame]:  # vocoder thread
         if r.cancelled:
             return []
         t0 = time.perf_counter()
-        frames = self.synth.flush()
-        if r.metrics.first_vocoder_audio is None:
-            r.metrics.vocoder_compute_s += time.perf_counter() - t0
-            if frames:
-                r.metrics.first_vocoder_audio = self.clock.now()
+        frames = step()
+        m = r.metrics
+        if m.first_vocoder_audio is None and frames:
+            m.vocoder_compute_s = time.perf_counter() - t0  # the call that made the first audio (the critical path)
+            m.first_vocoder_audio = self.clock.now()
+            # decode compute: until the unit that released the first audio (the vocoder's lookahead)
+            released_by = min(self.synth.units_received, len(r.unit_perf)) - 1
+            if released_by >= 0:
+                m.decode_compute_s = r.unit_perf[released_by] - r.decode_t0
         return frames
 
     async def _play(self, r: _Reply) -> None:
