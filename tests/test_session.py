@@ -336,3 +336,20 @@ def test_malformed_frames_are_counted_and_the_session_goes_on(model):
     asyncio.run(both())
     assert session.rejected_frames >= 1
     assert len(session.turns) == 1 and session.turns[0].output_units > 0
+
+
+def test_single_turn_gives_every_turn_the_original_prompt(model, tiny_bundle):
+    """single_turn=True: each turn's prompt is exactly the official single-turn prompt of its units, and its tokens
+    are what respond's generator draws for it (with the turn's seed)."""
+    from agent.bundle import resolve_bundle
+    from agent.engine_generator import EngineGenerator
+    from agent.prompts import Task, prompt_for
+
+    session = chat(model, [QUESTION, FOLLOW_UP], SessionConfig(single_turn=True, seed=5))[0]
+    generator = EngineGenerator.from_bundle(resolve_bundle(tiny_bundle))
+    for m in session.turns:
+        record = session.records[m.turn]
+        prompt = prompt_for(Task.SPEECH, units=record.units)
+        assert record.prompt == generator.tokenizer.encode(prompt)
+        assert record.tokens == generator.generate(prompt, seed=5 + m.turn, stop_at_answer_end=True).new_ids
+    assert session.conversation.turns == []
