@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -45,8 +45,10 @@ class ReferenceGenerator(TokenGenerator):
         seed: int = 0,
         max_new_tokens: int = SPEECHGPT_MAX_NEW_TOKENS,
         timing: dict | None = None,
+        forced: Sequence[int] | None = None,
     ) -> Iterator[int]:
-        """Yield sampled token ids one at a time until EOS or the token budget."""
+        """Yield sampled token ids one at a time until EOS or the token budget. `forced`: these tokens instead of
+        samples, one per step (benchmarks: a fixed workload whatever the weights; the model runs every step)."""
         from transformers import DynamicCache
 
         budget = self._budget(prompt_ids, max_new_tokens)
@@ -56,9 +58,11 @@ class ReferenceGenerator(TokenGenerator):
         t0 = time.perf_counter()
         # transformers >= 5.2x calls the cache argument `cache`; older 5.x (the GPU machines) `past_key_values`.
         cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        if forced is not None:
+            budget = min(budget, len(forced))
         for step in range(budget):
             logits = self.model(input_ids=ids, use_cache=True, **{cache_kw: cache}).logits[0, -1].float()
-            token = int(sample_reference(logits.cpu(), params, step, gen))
+            token = int(sample_reference(logits.cpu(), params, step, gen)) if forced is None else int(forced[step])
             if timing is not None:
                 now = time.perf_counter()
                 if step == 0:
