@@ -207,15 +207,18 @@ def test_each_provider_claims_its_own_first_messages():
 def test_the_reorder_window_restores_order_and_names_what_it_dropped():
     order = MediaOrder(window=3)
     out = []
-    for chunk in [1, 3, 2, 5, 4, 6]:  # swapped pairs
+    for chunk in [2, 1, 4, 3, 6, 5, 7]:  # swapped pairs, from the first frame on
         out += order.push(chunk, chunk)
-    assert out == [1, 2, 3, 4, 5, 6] and not order.counts
+    assert out == [1, 2, 3, 4, 5, 6, 7] and not order.counts
     assert order.push(6, 6) == [] and order.counts["duplicate_media"] == 1
+    order.push(9, 9)
+    assert order.push(9, 9) == [] and order.counts["duplicate_media"] == 2  # a duplicate of a waiting frame
     out = []
-    for chunk in [8, 9, 10, 11]:  # 7 never comes: given up after 3 waiting frames
+    for chunk in [10, 11, 12]:  # 8 never comes: 9 waits for 3 more frames, then the gap is given up
         out += order.push(chunk, chunk)
-    assert out == [8, 9, 10, 11] and order.counts["lost_media"] == 1
-    assert order.push(7, 7) == [] and order.counts["late_media"] == 1
+        assert out == [] or chunk == 12
+    assert out == [9, 10, 11, 12] and order.counts["lost_media"] == 1
+    assert order.push(8, 8) == [] and order.counts["late_media"] == 1
     assert order.push(10_000, "restart") == ["restart"]  # a counter restart, not a 10k-frame gap
     assert order.push(None, "unnumbered") == ["unnumbered"]
 
@@ -364,3 +367,216 @@ def test_slow_production_is_an_underrun_and_a_silent_provider_times_out():
     assert finished.underruns == 1 and out.stats["underruns"] == 1
     assert out.stats["mark_timeouts"] == 1 and not finished.interrupted  # no echo came: finished by the watchdog
     assert finished.position == pytest.approx(0.4) and now >= 1.0 + 0.2 + 0.5 - 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- the server, no model
+def serve_without_model(scenario, **config):
+    """The server with no model behind it: enough for webhooks, upgrades, and calls that end before their start."""
+    import aiohttp
+
+    from agent.telephony.server import ServerConfig, TelephonyServer
+
+    async def main():
+        server = TelephonyServer(None, ServerConfig(**config))
+        base = await server.start("127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as http:
+                return await scenario(base, server, http)
+        finally:
+            await server.stop()
+
+    return asyncio.run(main())
+
+
+def test_the_twiml_webhook_returns_a_stream_url_and_parameters():
+    import xml.etree.ElementTree as ET
+
+    form = {"CallSid": "CA1", "From": "+15550100", "To": "+15550199", "AccountSid": "AC1"}
+
+    async def scenario(base, server, http):
+        async with http.post(base + "/twilio/voice?prompt=support", data=form) as r:
+            public = (r.status, r.content_type, await r.text())
+        return public
+
+    status, content_type, body = serve_without_model(scenario, public_url="https://bot.example.com")
+    assert status == 200 and content_type == "application/xml" and body.startswith('<?xml version="1.0"')
+    root = ET.fromstring(body.split("?>", 1)[1])
+    (stream,) = root.findall("./Connect/Stream")
+    assert root.tag == "Response" and stream.get("url") == "wss://bot.example.com/twilio"
+    assert {p.get("name"): p.get("value") for p in stream.findall("Parameter")} == {
+        "prompt": "support", "caller": "+15550100", "called": "+15550199"}
+
+    async def from_host(base, server, http):  # no public URL: the request's own host, ws:// for http://
+        async with http.post(base + "/twilio/voice", data=form) as r:
+            return base, await r.text()
+
+    base, body = serve_without_model(from_host)
+    stream = ET.fromstring(body.split("?>", 1)[1]).find("./Connect/Stream")
+    assert stream.get("url") == base.replace("http://", "ws://") + "/twilio"
+
+
+def test_signatures_are_required_when_a_token_is_set():
+    import aiohttp
+
+    token, public = "test-token-0123", "https://bot.example.com"
+    form = {"CallSid": "CA1", "From": "+15550100", "To": "+15550199"}
+    good = reference_signature(token, public + "/twilio/voice?x=1", form)
+
+    async def scenario(base, server, http):
+        statuses = {}
+        for name, headers in [("missing", {}), ("bad", {"X-Twilio-Signature": "AAAA" + good[4:]}),
+                              ("good", {"X-Twilio-Signature": good})]:
+            async with http.post(base + "/twilio/voice?x=1", data=form, headers=headers) as r:
+                statuses[name] = r.status
+        async with http.post(base + "/twilio/voice?x=1", data={**form, "From": "+1999"},
+                             headers={"X-Twilio-Signature": good}) as r:
+            statuses["tampered"] = r.status
+        for path, headers in [("/twilio", {}), ("/twilio", {"X-Twilio-Signature": good}), ("/", {})]:
+            try:
+                ws = await http.ws_connect(base.replace("http://", "ws://") + path, headers=headers)
+                await ws.close()
+                statuses[f"ws{path}{len(headers)}"] = 101
+            except aiohttp.WSServerHandshakeError as exc:
+                statuses[f"ws{path}{len(headers)}"] = exc.status
+        return statuses, dict(server.totals)
+
+    statuses, totals = serve_without_model(scenario, public_url=public, auth_token=token)
+    assert statuses == {"missing": 403, "bad": 403, "good": 200, "tampered": 403, "ws/twilio0": 403,
+                        "ws/twilio1": 403, "ws/0": 403}  # (the WebSocket's URL is not the webhook's)
+    assert totals["signature_rejected"] == 6
+
+
+def test_unknown_paths_404_and_left_out_providers_too():
+    import aiohttp
+
+    async def scenario(base, server, http):
+        out = {}
+        for method, path in [("GET", "/nope"), ("POST", "/twilio/voice"), ("GET", "/telnyx"),
+                             ("GET", "/vonage/answer"), ("GET", "/healthz")]:
+            async with http.request(method, base + path) as r:
+                out[f"{method} {path}"] = r.status
+        try:
+            await http.ws_connect(base.replace("http://", "ws://") + "/vonage")
+        except aiohttp.WSServerHandshakeError as exc:
+            out["ws /vonage"] = exc.status
+        return out
+
+    assert serve_without_model(scenario, providers=("twilio",)) == {
+        "GET /nope": 404, "POST /twilio/voice": 200, "GET /telnyx": 404, "GET /vonage/answer": 404,
+        "GET /healthz": 200, "ws /vonage": 404}
+
+
+def test_the_vonage_answer_webhook_returns_an_ncco():
+    async def scenario(base, server, http):
+        async with http.get(base + "/vonage/answer?from=447700900000&to=447700900001&uuid=U1&prompt=support") as r:
+            return r.status, await r.json()
+
+    status, ncco = serve_without_model(scenario, public_url="https://bot.example.com")
+    (action,) = ncco
+    (endpoint,) = action["endpoint"]
+    assert status == 200 and action["action"] == "connect" and endpoint["type"] == "websocket"
+    assert endpoint["uri"] == "wss://bot.example.com/vonage" and endpoint["content-type"] == "audio/l16;rate=16000"
+    assert endpoint["headers"] == {"prompt": "support", "caller": "447700900000", "called": "447700900001", "uuid": "U1"}
+
+
+def test_calls_that_cannot_go_on_are_closed_with_a_reason_and_the_server_goes_on():
+    """Each of these ends its call before any session exists; the server serves the next one."""
+    import aiohttp
+
+    ws_start = dict(TWILIO_START)
+    bad_codec = json.loads(json.dumps(TWILIO_START))
+    bad_codec["start"]["mediaFormat"]["encoding"] = "audio/x-l16"
+
+    async def closed(http, url, messages, binary=False):
+        ws = await http.ws_connect(url)
+        for m in messages:
+            try:
+                await (ws.send_bytes(m) if binary else ws.send_str(m))
+            except (ConnectionError, RuntimeError):
+                break
+        async for _ in ws:
+            pass
+        return ws.close_code
+
+    async def scenario(base, server, http):
+        ws = base.replace("http://", "ws://")
+        codes = {
+            "bad codec": await closed(http, ws + "/twilio", [json.dumps({"event": "connected"}), json.dumps(bad_codec)]),
+            "no start in time": await closed(http, ws + "/twilio", [json.dumps({"event": "connected"})]),
+            "unknown provider": await closed(http, ws + "/", [json.dumps({"event": "connected"})] * 20),
+            "too big": await closed(http, ws + "/twilio", ["x" * 5000]),
+            "flood": await closed(http, ws + "/twilio", [json.dumps({"event": "connected"})] * 2000),
+        }
+        assert ws_start  # (unused: the fixture message stays intact)
+        async with http.get(base + "/stats") as r:
+            stats = await r.json()
+        return codes, stats, list(server.finished)
+
+    limits = __import__("agent.telephony.call", fromlist=["CallLimits"]).CallLimits(
+        start_timeout_s=0.5, max_message_bytes=4096, messages_per_s=100, burst_messages=200, rate_close_after=100)
+    codes, stats, finished = serve_without_model(scenario, limits=limits)
+    assert codes == {"bad codec": 1003, "no start in time": 1008, "unknown provider": 1003, "too big": 1009,
+                     "flood": 1008}
+    assert stats["active_calls"] == 0 and len(finished) == 5
+    assert stats["problems"]["unsupported_codec"] == 1 and stats["problems"]["rate_limited"] >= 100
+    reasons = [s.reason for s in finished]
+    assert "Twilio streams are audio/x-mulaw" in reasons[0] and "no start" in reasons[1]
+    assert "could not tell the provider" in reasons[2] and "over 4096 bytes" in reasons[3]
+    assert "messages/s" in reasons[4]
+
+
+def test_past_max_calls_an_upgrade_gets_503():
+    import aiohttp
+
+    async def scenario(base, server, http):
+        first = await http.ws_connect(base.replace("http://", "ws://") + "/twilio")
+        try:
+            await http.ws_connect(base.replace("http://", "ws://") + "/twilio")
+            status = 101
+        except aiohttp.WSServerHandshakeError as exc:
+            status = exc.status
+        await first.close()
+        return status, dict(server.totals)
+
+    status, totals = serve_without_model(scenario, max_calls=1)
+    assert status == 503 and totals["refused_busy"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("case", ["model dir", "port in use", "public url", "token env", "prompts", "providers"])
+def test_command_line_mistakes_get_one_line_before_any_model_loads(case, tmp_path, capsys, monkeypatch):
+    import socket
+
+    from agent.cli import main
+
+    monkeypatch.delenv("SPEECHGPT_RT_TEST_TOKEN", raising=False)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    bad_prompts = tmp_path / "prompts.json"
+    bad_prompts.write_text('["not", "an object"]')
+    argv = {
+        "model dir": ["--model-dir", str(tmp_path / "missing"), "--port", "0"],
+        "port in use": ["--port", str(port), "--model-dir", str(tmp_path / "missing")],
+        "public url": ["--port", "0", "--public-url", "ftp://x"],
+        "token env": ["--port", "0", "--auth-token-env", "SPEECHGPT_RT_TEST_TOKEN"],
+        "prompts": ["--port", "0", "--prompts", str(bad_prompts)],
+        "providers": ["--port", "0", "--providers", "twilio,skype"],
+    }[case]
+    if case == "port in use":  # the port is checked even when the model dir is fine: swap in a real-looking one
+        argv = ["--port", str(port)]
+    import agent.model
+
+    monkeypatch.setattr(agent.model.SpeechGPTModel, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    try:
+        rc = main(["telephony", *argv])
+    finally:
+        busy.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("speechgpt-rt telephony: "), err
+    assert "Traceback" not in err[0]
+    expected = {"model dir": "missing", "port in use": "cannot listen", "public url": "--public-url",
+                "token env": "SPEECHGPT_RT_TEST_TOKEN", "prompts": "expected a JSON object",
+                "providers": "skype"}[case]
+    assert expected in err[0]

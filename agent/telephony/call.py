@@ -98,8 +98,15 @@ class MediaOrder:
     def push(self, chunk: int | None, item: Any) -> list[Any]:
         if chunk is None:
             return [item]
-        if self.expected is None:
-            self.expected = chunk
+        if self.expected is None:  # the stream's first frames may be swapped too: where it starts is the
+            if chunk in self.pending:  # lowest of the first few (a 40 ms wait, once per call)
+                self.counts["duplicate_media"] += 1
+                return []
+            self.pending[chunk] = item
+            if len(self.pending) < self.window:
+                return []
+            self.expected = min(self.pending)
+            return self._drain()
         if chunk < self.expected or chunk in self.pending:
             self.counts["duplicate_media" if chunk in self.recent or chunk in self.pending else "late_media"] += 1
             return []
@@ -140,6 +147,7 @@ class CallSummary:
     turns: int
     problems: dict[str, int]
     output: dict[str, int] = field(default_factory=dict)
+    production_deficits: list[float] = field(default_factory=list)  # per reply (agent/telephony/output.py)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -165,7 +173,8 @@ class Call:
         self._early: list[str | bytes] = []  # messages before the provider is known (auto-detection on /)
         self._session_task: asyncio.Task | None = None
         self._t0 = time.monotonic()
-        self.ended = asyncio.Event()
+        self.ending = False  # teardown has begun
+        self.ended = asyncio.Event()  # teardown is done: everything the call held is freed
 
     @property
     def provider(self) -> str | None:
@@ -197,7 +206,7 @@ class Call:
                 return
             if msg.type == WSMsgType.ERROR:
                 exc = self.ws.exception()
-                if self.ws.close_code == CLOSE_TOO_BIG or "too big" in str(exc).lower():
+                if getattr(exc, "code", None) == CLOSE_TOO_BIG or self.ws.close_code == CLOSE_TOO_BIG:
                     self._problem(ProtocolError("bad_message", f"a message over {self.limits.max_message_bytes} "
                                                 "bytes", fatal=True, close_code=CLOSE_TOO_BIG))
                 else:
@@ -312,7 +321,7 @@ class Call:
                  started.format.encoding, started.format.sample_rate, sorted(started.parameters))
 
     def _session_done(self, task: asyncio.Task) -> None:
-        if self.ended.is_set() or task.cancelled():
+        if self.ending or task.cancelled():
             return
         exc = task.exception()
         if exc is not None:
@@ -333,7 +342,7 @@ class Call:
             log.debug("%s: send failed: %s", self.name, exc)
 
     async def _teardown(self) -> CallSummary:
-        self.ended.set()
+        self.ending = True
         if self.input is not None:
             self.input.close()
         turns = 0
@@ -356,10 +365,12 @@ class Call:
                 pass
         summary = CallSummary(self.name, self.provider, self.started.call_id if self.started else "", self.reason,
                               round(time.monotonic() - self._t0, 3), turns, dict(self.problems),
-                              dict(self.output.stats) if self.output is not None else {})
+                              dict(self.output.stats) if self.output is not None else {},
+                              list(self.output.production_deficits) if self.output is not None else [])
         log.info("%s: call ended (%s) after %.1f s, %d turn(s)%s", self.name, self.reason, summary.duration_s, turns,
                  f"; problems {dict(self.problems)}" if self.problems else "")
         self.server.call_ended(self, summary)
+        self.ended.set()
         return summary
 
     # ---- problems -------------------------------------------------------------------------------------------

@@ -270,8 +270,9 @@ class TelephonyServer:
 
     async def stop(self) -> None:
         for call in list(self.calls.values()):
-            call.reason = "server shutdown"
-            await call.ws.close(code=1001, message=b"server shutdown")
+            if not call.ending:
+                call.reason = "server shutdown"
+                await call.ws.close(code=1001, message=b"server shutdown")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10.0)
         if self._runner is not None:
