@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("agent.demo", "the main job on the embedded default: a live two-turn spoken conversation with the tiny bundle"),
     "make-tiny": ("agent.tiny", "write a tiny random-weight bundle in the release file formats"),
     "chat": ("agent.chat", "a live session over the loopback transport: audio files as consecutive user turns, replies, metrics"),
+    "telephony": ("agent.telephony.command", "phone calls: Twilio/Telnyx/Vonage media-stream WebSockets and webhooks on one port, one session per call"),
     "respond": ("agent.respond", "reference pipeline: one spoken (or text) question in, one reply WAV out"),
     "convert": ("agent.convert", "release files -> fast-loading deployment bundle (safetensors, no pickle)"),
     "bench-convert": ("agent.bench_convert", "peak memory of convert on a synthetic 1B-shaped fp32 checkpoint"),
