@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
+    from agent.conversation import Message
     from agent.metrics import TurnMetrics
+    from agent.session import Response
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class StateChanged:
 class UserSpeechStarted:
     turn: int
     at: float  # the VAD's onset
+    item_id: str | None = None  # the user message the turn becomes if the VAD ends it
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class UserSpeechEnded:
     turn: int
     at: float  # end-of-turn decision
     offset: float  # end of the user's speech
+    item_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class UserTranscript:
     turn: int
     text: str
     final: bool
+    item_id: str | None = None  # the user message transcribed
+    delta: str = ""  # interim events: the text new in this one
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class AgentText:
     delta: str
     text: str
     final: bool
+    response_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,8 +101,41 @@ class SessionError:
     turn: int | None = None
 
 
+@dataclass(frozen=True)
+class AudioCommitted:
+    """Audio became a user message (a manual commit, or a turn the VAD ended); an ItemAdded follows."""
+
+    item_id: str
+    previous_item_id: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class ItemAdded:
+    """A message entered the conversation (not a response's own: ResponseCreated carries that one)."""
+
+    item: "Message"
+    previous_item_id: str | None
+
+
+@dataclass(frozen=True)
+class ResponseCreated:
+    """A response started; its assistant message is in the conversation (in progress) after previous_item_id."""
+
+    response: "Response"
+    previous_item_id: str | None
+
+
+@dataclass(frozen=True)
+class ResponseDone:
+    """The response ended (response.status says how); nothing of it follows."""
+
+    response: "Response"
+
+
 SessionEvent = Union[StateChanged, UserSpeechStarted, UserSpeechEnded, UserTranscript, AgentText, ReplyAudioStarted,
-                     ReplyAudioFinished, TurnCompleted, SessionError]
+                     ReplyAudioFinished, TurnCompleted, SessionError, AudioCommitted, ItemAdded, ResponseCreated,
+                     ResponseDone]
 
 
 class EventBus:

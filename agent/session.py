@@ -46,13 +46,27 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from agent.clock import SessionClock
-from agent.conversation import Conversation, PastTurn, PromptBuilder
+from agent.conversation import (
+    APPEND,
+    Conversation,
+    DuplicateItem,
+    Message,
+    PastTurn,  # noqa: F401 - part of this module's API since the first session
+    PromptBuilder,
+    heard_text,
+    new_item_id,
+    units_heard,
+)
 from agent.events import (
     AgentState,
     AgentText,
+    AudioCommitted,
     EventBus,
+    ItemAdded,
     ReplyAudioFinished,
     ReplyAudioStarted,
+    ResponseCreated,
+    ResponseDone,
     SessionError,
     StateChanged,
     TurnCompleted,
@@ -63,10 +77,11 @@ from agent.events import (
 from agent.generation import SPEECHGPT_MAX_NEW_TOKENS
 from agent.io import AudioInput, AudioOutput, PlaybackFinished, PlaybackStarted
 from agent.metrics import TurnMetrics
-from agent.parser import AnswerDone, ResponseParser, Segment, SegmentDone, TextDelta, Unit, UnitSpanEnded
+from agent.parser import (AnswerDone, ResponseParser, Segment, SegmentDone, TextDelta, Unit, UnitSpanEnded,
+                          UnitSpanStarted)
 from agent.prompts import META_INSTRUCTION, Task
 from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams
-from streaming.frames import AudioFrame
+from streaming.frames import AudioFrame, BadFrameError, Resampler
 from streaming.hubert import RECEPTIVE_FIELD
 from streaming.incremental_units import IncrementalConfig, IncrementalUnitExtractor
 from streaming.synthesizer import StreamingSynthesizer, SynthesizerConfig
@@ -126,6 +141,16 @@ class SessionConfig:
                        pause_silence_s=self.tentative_silence_s if self.preemptive_reply else None)
 
 
+def _with_end_of_turn_silence(config: SessionConfig, silence_s: float) -> SessionConfig:
+    """The config with another end-of-turn silence (a Realtime client's silence_duration_ms): the tentative end of
+    turn and the unit tail shrink with it where they would no longer fit under it."""
+    if not (math.isfinite(silence_s) and silence_s > 0):
+        raise ValueError(f"end-of-turn silence: expected a finite number > 0, got {silence_s!r}")
+    preemptive = config.preemptive_reply and config.tentative_silence_s < silence_s
+    tail = min(config.unit_tail_s, silence_s, config.tentative_silence_s if preemptive else silence_s)
+    return replace(config, end_of_turn_silence_s=silence_s, preemptive_reply=preemptive, unit_tail_s=tail)
+
+
 @dataclass
 class TurnRecord:
     """What a turn fed the LLM and got back (for tests, benchmarks and debugging)."""
@@ -142,10 +167,92 @@ class StageError(RuntimeError):
         self.stage = stage
 
 
+class EmptyAudioBuffer(ValueError):
+    """commit_audio() with less than `MIN_COMMIT_S` of audio buffered (or with server VAD on, which commits)."""
+
+
+class ResponseActive(RuntimeError):
+    """create_response() while another response is in progress (one at a time per session)."""
+
+    def __init__(self, response: "Response"):
+        super().__init__(f"response {response.id} is still in progress")
+        self.response = response
+
+
+MIN_COMMIT_S = 0.1  # less buffered audio than this is an empty commit (what Realtime servers refuse too)
+MODALITIES = ("audio", "text")
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """Server-side turn taking on the session's VAD (the default). `Session.set_turn_detection(None)` turns it off:
+    manual turns, where nothing is answered until `commit_audio()` and `create_response()`."""
+
+    create_response: bool = True  # answer each turn the VAD ends
+    interrupt_response: bool = True  # user speech stops the response in progress (barge-in, drop while thinking)
+    end_of_turn_silence_s: float | None = None  # None: SessionConfig.end_of_turn_silence_s
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    modalities: tuple[str, ...] = ("audio",)  # ("audio",): speech and its text; ("text",): text only, no vocoder
+    instructions: str | None = None  # replaces the system prompt for this response (None: the session's)
+    metadata: dict | None = None  # the caller's, carried on the Response untouched
+    max_output_tokens: int | None = None  # None: SessionConfig.max_new_tokens
+    item_id: str | None = None  # id of the assistant message it writes (None: a new one)
+
+    def __post_init__(self) -> None:
+        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
+            raise ValueError(f"ResponseOptions.modalities: expected a non-empty subset of {MODALITIES}, got {self.modalities!r}")
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise ValueError(f"ResponseOptions.max_output_tokens: expected >= 1, got {self.max_output_tokens}")
+
+    @property
+    def audio(self) -> bool:
+        return "audio" in self.modalities
+
+
+@dataclass
+class Usage:
+    """Token counts of one response. Audio tokens are unit tokens; the rest is text. `cached_tokens`: prompt
+    tokens found in the KV cache (not prefilled again)."""
+
+    input_tokens: int = 0
+    input_text_tokens: int = 0
+    input_audio_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    output_text_tokens: int = 0
+    output_audio_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(eq=False)
+class Response:
+    """One answer of the agent: the assistant message it writes and how it ended.
+
+    status: "in_progress", then "completed", "cancelled" (reason "client_cancelled" or "turn_detected"),
+    "incomplete" (reason "max_output_tokens": the token budget ran out) or "failed" (`error` says why)."""
+
+    id: str
+    options: ResponseOptions
+    item: Message
+    trigger: str  # "client" (create_response) or "turn_detection" (a VAD turn)
+    turn: int
+    question_id: str | None = None  # the user message answered (None: a text answer to no spoken question)
+    status: str = "in_progress"
+    reason: str | None = None
+    error: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
 @dataclass
 class _UserTurn:
     index: int
-    onset: float
+    onset: float | None
     audio_start: float  # session time of the first sample given to the unit extractor
     while_speaking: bool  # began while the agent was playing audio
     interrupted_agent: bool = False
@@ -153,6 +260,7 @@ class _UserTurn:
     paused_at: float | None = None
     discarded: int = 0  # preemptive replies thrown away
     speculative_tokens: int = 0
+    item_id: str | None = None  # the user message this turn becomes when the VAD ends it
 
 
 @dataclass
@@ -187,6 +295,15 @@ class _Reply:
     unit_perf: list[float] = field(default_factory=list)  # perf_counter when each unit token was decoded
     gated_at: float | None = None  # session time a preemptive decode reached the unit span and waited
     done: asyncio.Future | None = None
+    source: str = "turn"  # "turn": the VAD turn's audio is the question; "items": the conversation as it stands
+    options: ResponseOptions = field(default_factory=ResponseOptions)
+    response: Response | None = None
+    user_item: Message | None = None  # the question's user message (its transcript comes from this reply)
+    answer_task: Task = Task.SPEECH  # what the question asks for (decides the parser)
+    text_stop: bool = False  # decoding stopped after the text answer (text-only output)
+    cached_tokens: int = 0
+    generated: int = 0  # tokens decoded so far (the LLM thread counts)
+    generated_units: int = 0
 
     def halt(self) -> None:
         """Stop producing (thread-safe parts first): decode, then the tasks."""
@@ -198,23 +315,6 @@ class _Reply:
         for task in (self.task, self.playout):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
-
-
-def heard_text(text: str, units_heard: int, units_total: int) -> str:
-    """The text answer cut at the word matching the fraction of its units that was played (module doc)."""
-    words = text.split()
-    if units_total <= 0 or units_heard <= 0:
-        return ""
-    keep = round(len(words) * min(1.0, units_heard / units_total))
-    return " ".join(words[:keep])
-
-
-def units_heard(durations: np.ndarray, position_s: float, frame_s: float) -> int:
-    """Units whose audio had started by `position_s` (durations in vocoder frames of `frame_s`)."""
-    if position_s <= 0 or durations.size == 0:
-        return 0
-    starts = np.concatenate([[0], np.cumsum(durations)[:-1]]) * frame_s
-    return int(np.count_nonzero(starts < position_s - 1e-9))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -265,6 +365,14 @@ class Session:
         self._spec_queued = False
         self._closed = False
         self._next_ts: float | None = None  # session time of the next input sample (transports without our clock)
+        # turn taking and the Realtime-style API (see "Manual turns, items and responses" below)
+        self.turn_detection: TurnDetection | None = TurnDetection()
+        self.response_defaults = ResponseOptions()  # what a VAD turn's response is made with
+        self.instructions: str | None = None  # the system prompt of responses (None: config.system_prompt)
+        self._input_audio: list[np.ndarray] = []  # manual turns: 16 kHz mono audio since the last commit/clear
+        self._input_resampler = Resampler(SAMPLE_RATE)
+        self._pending_units: dict[str, concurrent.futures.Future] = {}  # user message id -> its unit extraction
+        self._committed_at: dict[str, float] = {}  # user message id -> session time it was committed
         output.on_playback(self._on_playback)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
@@ -296,6 +404,217 @@ class Session:
             await asyncio.to_thread(pool.shutdown, True)
         self.events.close()
 
+    # ---- manual turns, items and responses (the Realtime-style API) -----------------------------------------
+    # Policies:
+    # - Turn detection: `TurnDetection` (the default) is the VAD-driven behaviour of the module doc, with
+    #   `create_response=False` (a turn becomes a user message, nothing is answered) and `interrupt_response=False`
+    #   (user speech never stops a response) honoured. `None` is manual: input frames are buffered (resampled to
+    #   16 kHz), nothing is answered until `commit_audio()` makes the buffered audio a user message and
+    #   `create_response()` answers. Switching mode drops the audio of a turn in progress and the buffer.
+    # - `commit_audio()` computes the final units of the whole buffer (the extraction `respond` does) on the HuBERT
+    #   thread; the message is in the conversation at once, its units follow, and a response waits for them.
+    # - A response answers the conversation as it stands (agent/conversation.py renders it): chain of modality
+    #   when the last user message is audio not transcribed yet, a text answer (SpeechGPT's text task) when it is
+    #   text. Its assistant message enters the conversation when the response is created (in progress, not
+    #   rendered) and is filled in when it ends; the question's transcript replaces its units once a reply has
+    #   written one. Text-only output stops decoding at the end of the text answer (no units, no vocoder).
+    # - One response at a time: `create_response()` while one is in progress raises ResponseActive (a preemptive
+    #   VAD reply not released yet is discarded instead). `cancel_response()` stops decode and vocoder; the
+    #   assistant message keeps everything generated until then ("incomplete") until `truncate_item()` cuts it
+    #   to what was heard, by the barge-in rule. A barge-in under VAD cuts it at once, to the output's position.
+    # - Editing the conversation (`add_item`, `delete_item`, `truncate_item`) changes the next prompt from the
+    #   edited message on; the KV cache is kept up to the common prefix (`_sync_kv`), so it is invalidated from
+    #   there. Editing the message of the response in progress cancels that response first.
+    # - A VAD turn whose reply wrote neither a transcript nor a text answer (heard) leaves no history: its two
+    #   messages stay in `conversation.items` but leave the context. A failed VAD turn does the same.
+    def set_turn_detection(self, detection: TurnDetection | None) -> None:
+        old, self.turn_detection = self.turn_detection, detection
+        if detection is None:
+            if old is not None:
+                self._leave_vad_turn()
+            return
+        silence = detection.end_of_turn_silence_s
+        if silence is not None and silence != self.config.end_of_turn_silence_s:
+            self.config = _with_end_of_turn_silence(self.config, silence)
+            self._leave_vad_turn()
+            self.vad = VadDetector(self.config.vad_config())
+        elif old is None:
+            self.vad.reset()
+        if old is None:
+            self.clear_audio()
+
+    def _leave_vad_turn(self) -> None:
+        self._listening = None
+        reply = self._reply
+        if reply is not None and reply.preemptive and not reply.released.is_set():
+            self._discard(reply)
+        self.vad.reset()
+
+    @property
+    def input_buffer_s(self) -> float:
+        """Manual turns: seconds of audio buffered since the last commit or clear."""
+        return sum(a.shape[0] for a in self._input_audio) / SAMPLE_RATE
+
+    def commit_audio(self, item_id: str | None = None, previous_item_id: str | None = APPEND) -> Message:
+        """Manual turns: the audio buffered since the last commit/clear becomes a user audio message (returned at
+        once; its units are extracted on the HuBERT thread). Raises EmptyAudioBuffer under `MIN_COMMIT_S`, and
+        with server VAD on (the VAD commits its turns itself)."""
+        if self.turn_detection is not None:
+            raise EmptyAudioBuffer("server VAD is on: it commits the turns it detects, nothing is buffered")
+        if item_id is not None and item_id in self.conversation:
+            raise DuplicateItem(f"an item with id {item_id!r} is already in the conversation")
+        if previous_item_id not in (APPEND, "root") and previous_item_id not in self.conversation:
+            self.conversation.get(previous_item_id)  # raises UnknownItem
+        for frame in self._input_resampler.flush():
+            self._input_audio.append(frame.to_float32_mono().samples)
+        audio = np.concatenate(self._input_audio) if self._input_audio else np.zeros(0, np.float32)
+        self._input_audio = []
+        seconds = audio.shape[0] / SAMPLE_RATE
+        if seconds < MIN_COMMIT_S - 1e-9:
+            raise EmptyAudioBuffer(f"{seconds * 1e3:.0f} ms of audio buffered; a commit needs at least "
+                                   f"{MIN_COMMIT_S * 1e3:.0f} ms")
+        message = Message(item_id or new_item_id(), "user", "audio", audio_s=seconds)
+        previous = self.conversation.insert(message, previous_item_id)
+        self._committed_at[message.id] = self.clock.now()
+        self._extract_units(message, audio)
+        self.events.emit(AudioCommitted(message.id, previous, self.clock.now()))
+        self.events.emit(ItemAdded(message, previous))
+        return message
+
+    def clear_audio(self) -> float:
+        """Manual turns: drop the buffered audio; returns how many seconds were dropped."""
+        dropped = self.input_buffer_s
+        self._input_audio = []
+        self._input_resampler.reset()
+        return dropped
+
+    def add_item(self, message: Message, previous_item_id: str | None = APPEND,
+                 audio: np.ndarray | None = None) -> str | None:
+        """Put a message into the conversation (after `previous_item_id`; APPEND: last, "root": first); returns the
+        id now before it. A user audio message may come as `audio` (16 kHz mono float32): its units are extracted
+        like a commit's. Raises DuplicateItem / UnknownItem (agent.conversation)."""
+        if message.role == "user" and message.modality == "audio" and message.text is None and message.units is None:
+            if audio is None or audio.shape[0] / SAMPLE_RATE < MIN_COMMIT_S - 1e-9:
+                raise EmptyAudioBuffer(f"user audio message {message.id!r}: no transcript, units or "
+                                       f">= {MIN_COMMIT_S * 1e3:.0f} ms of audio")
+            message.audio_s = audio.shape[0] / SAMPLE_RATE
+        previous = self.conversation.insert(message, previous_item_id)
+        if audio is not None and message.pending:
+            self._extract_units(message, np.asarray(audio, np.float32))
+        self.events.emit(ItemAdded(message, previous))
+        return previous
+
+    def get_item(self, item_id: str) -> Message:
+        return self.conversation.get(item_id)
+
+    def delete_item(self, item_id: str) -> Message:
+        """Remove a message (the response writing it is cancelled first)."""
+        self._cancel_if_writing(item_id)
+        return self.conversation.delete(item_id)
+
+    def truncate_item(self, item_id: str, audio_end_s: float) -> float:
+        """Cut an assistant message to the first `audio_end_s` seconds of its audio (clamped to what it has): its
+        units to those heard, its text by the barge-in rule. Returns the position kept (0.0 and no change for a
+        message without audio). The response writing it is cancelled first."""
+        self.conversation.get(item_id)
+        self._cancel_if_writing(item_id)
+        return self.conversation.truncate(item_id, audio_end_s)
+
+    def _cancel_if_writing(self, item_id: str) -> None:
+        active = self.active_response
+        if active is not None and active.item.id == item_id:
+            self.cancel_response("client_cancelled")
+
+    @property
+    def active_response(self) -> Response | None:
+        r = self._reply
+        if r is None or r.finished or r.response is None:
+            return None
+        return r.response
+
+    def create_response(self, options: ResponseOptions | None = None) -> Response:
+        """Answer the conversation as it stands (policies above); the Response is returned at once and its events
+        follow (ResponseCreated, the text and audio, ResponseDone). Raises ResponseActive while one is in progress.
+        Call it from the event loop that runs `run()`."""
+        if self._closed:
+            raise RuntimeError(f"{self.name}: the session is closed")
+        active = self.active_response
+        if active is not None:
+            raise ResponseActive(active)
+        if self._reply is not None:  # a preemptive reply to a VAD turn not decided yet
+            self._discard(self._reply)
+        options = options or self.response_defaults
+        turn = _UserTurn(self._turn_count, None, 0.0, while_speaking=self.state == AgentState.SPEAKING)
+        self._turn_count += 1
+        question = self.conversation.question()
+        committed = self._committed_at.get(question.id) if question is not None else None
+        now = self.clock.now()
+        metrics = TurnMetrics(turn.index, last_voiced=committed, final_eot=now)
+        reply = _Reply(turn, metrics, False, now, 0, self.config.seed + turn.index, source="items", options=options)
+        reply.done = asyncio.get_running_loop().create_future()
+        self._reply = reply
+        self._new_response(reply, options, "client")
+        self._release(reply)
+        reply.task = asyncio.get_running_loop().create_task(self._run_reply(reply))
+        return reply.response
+
+    def cancel_response(self, reason: str = "client_cancelled") -> Response | None:
+        """Stop the response in progress now (decode, vocoder, queued output). Returns it ("cancelled"), or None
+        when none is in progress."""
+        r = self._reply
+        if self.active_response is None:
+            return None
+        finished = self.output.clear_buffer() if r.audio_started else None
+        r.metrics.interrupted_at = self.clock.now()
+        self._halt(r)
+        self._complete(r, finished or PlaybackFinished(0.0, True, self.clock.now()), status="cancelled",
+                       reason=reason, cut=False)
+        return r.response
+
+    def _new_response(self, r: _Reply, options: ResponseOptions, trigger: str) -> Response:
+        item = Message(options.item_id or new_item_id(), "assistant", "audio" if options.audio else "text", text="",
+                       frame_s=self._frame_s, status="in_progress")
+        previous = self.conversation.insert(item)
+        response = Response(new_item_id("resp"), options, item, trigger, r.turn.index,
+                            question_id=r.user_item.id if r.user_item is not None else None)
+        item.response_id = response.id
+        r.response, r.options = response, options
+        self.events.emit(ResponseCreated(response, previous))
+        return response
+
+    def _extract_units(self, message: Message, audio: np.ndarray) -> None:
+        fut = self._submit(self._hubert, self._units_of, audio)
+        self._pending_units[message.id] = fut
+        fut.add_done_callback(lambda f: self._call_soon(self._units_ready, message, f))
+
+    def _units_ready(self, message: Message, fut: concurrent.futures.Future) -> None:
+        if self._pending_units.get(message.id) is fut:
+            del self._pending_units[message.id]
+        if message.units is not None:
+            return
+        if fut.exception() is not None:
+            message.units, message.in_context = [], False  # unusable audio: it cannot be part of a prompt
+            self._error("units", fut.exception())
+            return
+        message.units = fut.result()[0]
+
+    def _commit_turn(self, turn: _UserTurn, end_sample: int, reply: _Reply | None) -> Message:
+        """A VAD turn ended: it becomes a user audio message (units from its reply, or extracted now)."""
+        message = Message(turn.item_id or new_item_id(), "user", "audio",
+                          audio_s=max(0, end_sample) / SAMPLE_RATE)
+        previous = self.conversation.insert(message)
+        self._committed_at[message.id] = self.clock.now()
+        if reply is not None:
+            reply.user_item = message
+            if reply.record.units:
+                message.units = list(reply.record.units)
+        else:
+            fut = self._submit(self._hubert, self._final_units, end_sample)
+            fut.add_done_callback(lambda f: self._call_soon(self._units_ready, message, f))
+        self.events.emit(AudioCommitted(message.id, previous, self.clock.now()))
+        self.events.emit(ItemAdded(message, previous))
+        return message
+
     # ---- helpers --------------------------------------------------------------------------------------------
     def _set_state(self, new: AgentState) -> None:
         if new != self.state:
@@ -322,8 +641,22 @@ class Session:
     def _on_frame(self, frame: AudioFrame) -> None:
         if not getattr(self.input, "timestamps_on_session_clock", False):
             frame = self._stamp(frame)
+        if self.turn_detection is None:
+            self._buffer_input(frame)
+            return
         for event in self.vad.push(frame):
             self._on_vad(event)
+
+    def _buffer_input(self, frame: AudioFrame) -> None:
+        """Manual turns: keep the frame (validated, 16 kHz mono float32) for the next commit."""
+        try:
+            frames = self._input_resampler.push(frame)
+        except BadFrameError as exc:
+            self.rejected_frames += 1
+            self._error("frame", str(exc))
+            return
+        for f in frames:
+            self._input_audio.append(f.to_float32_mono().samples)
 
     def _stamp(self, frame: AudioFrame) -> AudioFrame:
         """Frames from transports whose timestamps are on another clock: contiguous session times (re-synced to
@@ -349,7 +682,7 @@ class Session:
             if reply is not None and reply.preemptive and not reply.released.is_set():
                 self._discard(reply)
         elif isinstance(event, Interruption):
-            if self.state == AgentState.SPEAKING and self._reply is not None:
+            if self.state == AgentState.SPEAKING and self._reply is not None and self.turn_detection.interrupt_response:
                 if self._listening is not None:
                     self._listening.interrupted_agent = True
                 self._barge_in(self._reply)
@@ -365,18 +698,19 @@ class Session:
 
     def _on_speech_started(self, event: SpeechStarted) -> None:
         reply = self._reply
-        if reply is not None and reply.released.is_set() and not reply.audio_started:
+        if (reply is not None and reply.released.is_set() and not reply.audio_started
+                and self.turn_detection.interrupt_response):
             self._drop(reply)  # the user spoke again while we were thinking: answer the new turn
         turn = _UserTurn(self._turn_count, event.onset,
                          event.pre_roll.timestamp if event.pre_roll is not None else event.onset,
-                         while_speaking=self.state == AgentState.SPEAKING)
+                         while_speaking=self.state == AgentState.SPEAKING, item_id=new_item_id())
         self._turn_count += 1
         self._listening = turn
         self._submit(self._hubert, self.units.reset)
         if event.pre_roll is not None:
             fut = self._submit(self._hubert, self.units.push, event.pre_roll.samples)
             fut.add_done_callback(lambda f: self._call_soon(self._on_provisional, turn, f))
-        self.events.emit(UserSpeechStarted(turn.index, event.onset))
+        self.events.emit(UserSpeechStarted(turn.index, event.onset, turn.item_id))
 
     def _on_provisional(self, turn: _UserTurn, fut: concurrent.futures.Future) -> None:
         if fut.exception() is not None:
@@ -409,34 +743,47 @@ class Session:
         if turn is None:
             return
         turn.paused_offset, turn.paused_at = event.offset, event.detected_at
-        if self._reply is None and not turn.while_speaking:
+        if self._reply is None and not turn.while_speaking and self.turn_detection.create_response:
             self._start_reply(turn, event.offset, preemptive=True)
 
     def _on_speech_ended(self, event: SpeechEnded) -> None:
         turn, self._listening = self._listening, None
         if turn is None:
             return
-        self.events.emit(UserSpeechEnded(turn.index, event.decided_at, event.offset))
+        self.events.emit(UserSpeechEnded(turn.index, event.decided_at, event.offset, turn.item_id))
         reply = self._reply
         if turn.while_speaking and not turn.interrupted_agent and reply is not None:
             log.info("%s: false interruption (%.2f s of speech): the reply goes on", self.name, event.duration)
             return
+        detection = self.turn_detection
+        end_sample = self._end_sample(turn, event.offset)
         if reply is not None and reply.preemptive and not reply.released.is_set():
-            if reply.turn is turn and reply.offset == event.offset:
+            if reply.turn is turn and reply.offset == event.offset and detection.create_response:
+                self._commit_turn(turn, end_sample, reply)
                 reply.metrics.final_eot = event.decided_at
                 reply.metrics.preemptive = "kept"
                 self._release(reply)
                 return
             self._discard(reply)
         elif reply is not None:
+            if not detection.interrupt_response:
+                self._commit_turn(turn, end_sample, None)  # a response is in progress: the turn is only kept
+                return
             self._drop(reply)
+        if not detection.create_response:
+            self._commit_turn(turn, end_sample, None)
+            return
         reply = self._start_reply(turn, event.offset, preemptive=False)
+        self._commit_turn(turn, end_sample, reply)
         reply.metrics.final_eot = event.decided_at
         self._release(reply)
 
     # ---- replies --------------------------------------------------------------------------------------------
+    def _end_sample(self, turn: _UserTurn, offset: float) -> int:
+        return max(0, round((offset + self.config.unit_tail_s - turn.audio_start) * SAMPLE_RATE))
+
     def _start_reply(self, turn: _UserTurn, offset: float, preemptive: bool) -> _Reply:
-        end_sample = max(0, round((offset + self.config.unit_tail_s - turn.audio_start) * SAMPLE_RATE))
+        end_sample = self._end_sample(turn, offset)
         metrics = TurnMetrics(turn.index, onset=turn.onset, last_voiced=offset,
                               tentative_eot=turn.paused_at if preemptive else None,
                               preemptive_discarded=turn.discarded)
@@ -454,6 +801,8 @@ class Session:
             # span) would otherwise have started at the decision
             busy_until = m.final_eot if reply.gated_at is None else min(m.final_eot, reply.gated_at)
             m.preemptive_saved_s = max(0.0, busy_until - m.tentative_eot)
+        if reply.response is None:
+            self._new_response(reply, self.response_defaults, "turn_detection")
         reply.released.set()
         reply.gate.set()
         self._set_state(AgentState.THINKING)
@@ -473,31 +822,37 @@ class Session:
         """A decided reply dropped before any audio played (the user spoke again)."""
         self._halt(reply)
         reply.metrics.errors.append("dropped: the user spoke before it played")
-        self._complete(reply, PlaybackFinished(0.0, True, self.clock.now()))
+        self._complete(reply, PlaybackFinished(0.0, True, self.clock.now()), status="cancelled", reason="turn_detected")
 
     def _barge_in(self, reply: _Reply) -> None:
         finished = self.output.clear_buffer()  # silence first
         reply.metrics.interrupted_at = self.clock.now()
         self._halt(reply)
-        self._complete(reply, finished or PlaybackFinished(0.0, True, self.clock.now()))
+        self._complete(reply, finished or PlaybackFinished(0.0, True, self.clock.now()), status="cancelled",
+                       reason="turn_detected")
 
     async def _run_reply(self, r: _Reply) -> None:
         m = r.metrics
         try:
-            units, m.units_compute_s = await asyncio.wrap_future(self._submit(self._hubert, self._final_units, r.end_sample))
-            m.final_units_ready = self.clock.now()
-            m.input_units = len(units)
-            r.record.units = units
-            if not units:
-                raise StageError("units", "the turn produced no speech units")
-            r.stage = "prompt"
-            evicted = self.conversation.evicted
-            prompt = self.conversation.prompt_ids(units)
-            m.evicted_turns = self.conversation.evicted - evicted
+            if r.source == "items":
+                prompt, units_start = await self._items_prompt(r)
+            else:
+                units, m.units_compute_s = await asyncio.wrap_future(self._submit(self._hubert, self._final_units, r.end_sample))
+                m.final_units_ready = self.clock.now()
+                m.input_units = len(units)
+                r.record.units = units
+                if not units:
+                    raise StageError("units", "the turn produced no speech units")
+                r.stage = "prompt"
+                evicted = self.conversation.evicted
+                prompt = self.conversation.prompt_ids(units)  # (the turn's own message is not rendered yet)
+                if r.user_item is not None and r.user_item.units is None:
+                    r.user_item.units = list(units)
+                m.evicted_turns = self.conversation.evicted - evicted
+                units_start = len(prompt) - len(self.conversation.builder.tail_ids) - len(units)
             m.prompt_tokens = len(prompt)
             r.record.prompt = prompt
             r.stage = "prefill"
-            units_start = len(prompt) - len(self.conversation.builder.tail_ids) - len(units)
             await asyncio.wrap_future(self._submit(self._llm, self._prefill_reply, r, prompt, units_start))
             m.prefill_done = self.clock.now()
             r.stage = "decode"
@@ -528,10 +883,43 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - one failed reply must not end the session
             self._fail(r, getattr(exc, "stage", r.stage), exc)
 
+    async def _items_prompt(self, r: _Reply) -> tuple[list[int], int]:
+        """A response to the conversation as it stands: wait for the units of its user audio messages, then the
+        prompt (and where the question's units start in it, for the metrics)."""
+        m = r.metrics
+        for message in [x for x in self.conversation.items if x.pending and x.in_context]:
+            fut = self._pending_units.get(message.id)
+            if fut is None:
+                raise StageError("units", f"user message {message.id!r} has no units and none are being extracted")
+            _, seconds = await asyncio.wrap_future(fut)
+            m.units_compute_s += seconds
+            self._units_ready(message, fut)
+        m.final_units_ready = self.clock.now()
+        r.stage = "prompt"
+        r.answer_task = self.conversation.response_task()
+        r.parser = ResponseParser(self.tokenizer, r.answer_task)
+        question = self.conversation.question()
+        r.user_item = question if r.answer_task is Task.SPEECH else None
+        if r.response is not None:
+            r.response.question_id = question.id if question is not None else None
+        units = list(question.units or []) if r.user_item is not None else []
+        r.record.units = units
+        m.input_units = len(units)
+        evicted = self.conversation.evicted
+        instructions = r.options.instructions if r.options.instructions is not None else self.instructions
+        prompt = self.conversation.response_prompt_ids(instructions)
+        m.evicted_turns = self.conversation.evicted - evicted
+        builder = self.conversation.builder
+        units_start = len(prompt) - len(builder.opener_ids) - len(builder.close_ids) - len(builder.unit_ids(units))
+        return prompt, units_start if units else len(prompt)
+
     def _final_units(self, end_sample: int) -> tuple[list[int], float]:  # HuBERT thread
         """Exact units of the turn's audio up to end_sample (the whole-utterance extraction, bit for bit)."""
+        return self._units_of(np.array(self.units.audio[:end_sample], dtype=np.float32))
+
+    def _units_of(self, audio: np.ndarray) -> tuple[list[int], float]:  # HuBERT thread
+        """Exact units of 16 kHz mono audio (the whole-utterance extraction) and the seconds it took."""
         t0 = time.perf_counter()
-        audio = np.array(self.units.audio[:end_sample], dtype=np.float32)
         if audio.shape[0] < RECEPTIVE_FIELD:
             return [], time.perf_counter() - t0
         _, reduced = self.model.units.extract(audio)
@@ -561,6 +949,7 @@ class Session:
     def _prefill_reply(self, r: _Reply, prompt: list[int], units_start: int) -> None:  # LLM thread
         t0 = time.perf_counter()
         keep, prefilled, rolled, logits = self._sync_kv(prompt, need_logits=True)
+        r.cached_tokens = keep
         r.record.logits = logits.clone()
         m = r.metrics
         m.prefill_compute_s = time.perf_counter() - t0
@@ -572,7 +961,8 @@ class Session:
         """Decode and parse here (the parser is cheap), so decoding stops at the exact token that ends the answer;
         the loop receives (parser events, time) in order."""
         cfg = self.config
-        budget = min(cfg.max_new_tokens, self.engine.max_seq - len(prompt))
+        budget = min(cfg.max_new_tokens, r.options.max_output_tokens or cfg.max_new_tokens,
+                     self.engine.max_seq - len(prompt))
         if budget < 1:
             raise StageError("decode", f"a {len(prompt)}-token prompt leaves no room to answer")
         r.decode_t0 = t0 = time.perf_counter()
@@ -586,9 +976,15 @@ class Session:
             for token in stream:
                 events = r.parser.feed(token)
                 self._call_soon(r.parsed.put_nowait, (events, self.clock.now()))
+                r.generated += 1
                 if self.vocab.is_unit(token):
                     r.unit_perf.append(time.perf_counter())
-                if r.parser.done:
+                    r.generated_units += 1
+                if not r.options.audio and any(isinstance(e, UnitSpanStarted) or (
+                        isinstance(e, SegmentDone) and e.segment is Segment.TEXT_ANSWER) for e in events):
+                    r.text_stop = True  # text-only output: the text answer is complete, no units wanted
+                    stream.cancel()
+                elif r.parser.done:
                     stream.cancel()  # the answer is complete (the final "." and EOS add nothing)
                 elif token == sosp and not r.gate.is_set():
                     r.gated_at = self.clock.now()
@@ -598,7 +994,7 @@ class Session:
                 if r.stop.is_set():
                     stream.cancel()
             if not r.parser.done:
-                reason = "cancelled" if r.stop.is_set() else "length"
+                reason = "text_only" if r.text_stop else "cancelled" if r.stop.is_set() else "length"
                 self._call_soon(r.parsed.put_nowait, (r.parser.finish(reason), self.clock.now()))
         finally:
             if stream is not None:
@@ -610,27 +1006,31 @@ class Session:
 
     def _on_parsed(self, r: _Reply, event, at: float) -> None:
         m, turn = r.metrics, r.turn.index
+        item_id = r.user_item.id if r.user_item is not None else None
+        response_id = r.response.id if r.response is not None else None
         if isinstance(event, TextDelta):
             if event.segment is Segment.TRANSCRIPT:
                 m.first_transcript_token = m.first_transcript_token or at
                 r.transcript += event.text
-                self.events.emit(UserTranscript(turn, r.transcript, final=False))
+                self.events.emit(UserTranscript(turn, r.transcript, final=False, item_id=item_id, delta=event.text))
             else:
                 m.first_text_answer_token = m.first_text_answer_token or at
                 r.text += event.text
-                self.events.emit(AgentText(turn, event.text, r.text, final=False))
+                self.events.emit(AgentText(turn, event.text, r.text, final=False, response_id=response_id))
         elif isinstance(event, SegmentDone) and event.segment is Segment.TRANSCRIPT:
             r.transcript, r.transcript_final = event.text, True
-            self.events.emit(UserTranscript(turn, r.transcript, final=True))
+            self.events.emit(UserTranscript(turn, r.transcript, final=True, item_id=item_id))
         elif isinstance(event, SegmentDone):
             r.text = event.text
+        elif isinstance(event, Unit) and not r.options.audio:
+            return  # text-only output (decoding stops before the units; a unit in the same token step is dropped)
         elif isinstance(event, Unit):
             m.first_unit = m.first_unit or at
             if not r.units:
                 r.audio.put_nowait(self._submit(self._vocoder, self.synth.reset))
             r.units.append(event.unit)
             r.audio.put_nowait(self._submit(self._vocoder, self._vocode, r, event.unit))
-        elif isinstance(event, UnitSpanEnded):
+        elif isinstance(event, UnitSpanEnded) and r.options.audio:
             r.span_ended = True
             if r.units:
                 r.audio.put_nowait(self._submit(self._vocoder, self._flush_vocoder, r))
@@ -679,8 +1079,10 @@ class Session:
             r.metrics.first_frame_played = event.at
             self.events.emit(ReplyAudioStarted(r.turn.index, event.at))
 
-    def _complete(self, r: _Reply, finished: PlaybackFinished) -> None:
-        """The reply ended (played out, interrupted, or dropped): history, final events, metrics."""
+    def _complete(self, r: _Reply, finished: PlaybackFinished, status: str | None = None, reason: str | None = None,
+                  cut: bool = True) -> None:
+        """The reply ended (played out, interrupted, cancelled or dropped): history, final events, metrics. `cut`:
+        an interrupted reply enters the history as heard (a client's cancel keeps all of it until a truncate)."""
         m = r.metrics
         m.interrupted = finished.interrupted
         m.heard_s = finished.position
@@ -689,23 +1091,73 @@ class Session:
         m.output_units = len(r.units)
         m.reply_s = sum(f.shape[0] for f in r.frames) / SAMPLE_RATE
         text = r.text
-        if finished.interrupted:
+        cut = cut and finished.interrupted
+        if cut:
             heard = units_heard(self.synth.durations, finished.position, self._frame_s)
             text = heard_text(r.text, heard, len(r.units))
         m.transcript, m.text_answer = r.transcript, text
         if r.frames:
             self.replies[r.turn.index] = np.concatenate(r.frames)
         self.records[r.turn.index] = r.record
+        item_id = r.user_item.id if r.user_item is not None else None
         if r.transcript and not r.transcript_final:
-            self.events.emit(UserTranscript(r.turn.index, r.transcript, final=True))
-        if r.transcript or text:
-            self.conversation.add(PastTurn(r.transcript, text, finished.interrupted))
-        self.events.emit(AgentText(r.turn.index, "", text, final=True))
+            self.events.emit(UserTranscript(r.turn.index, r.transcript, final=True, item_id=item_id))
+        if status is None:
+            status = "completed"
+            if r.parser is not None and r.parser.response.end_reason == "length":
+                status, reason = "incomplete", "max_output_tokens"
+        self._record_history(r, finished, cut, status)
+        response_id = r.response.id if r.response is not None else None
+        self.events.emit(AgentText(r.turn.index, "", text, final=True, response_id=response_id))
         if r.audio_started:
             self.events.emit(ReplyAudioFinished(r.turn.index, finished.at, finished.position, finished.interrupted))
         self._finish(r)
+        self._end_response(r, status, reason)
         self.turns.append(m)
         self.events.emit(TurnCompleted(m))
+
+    def _record_history(self, r: _Reply, finished: PlaybackFinished, cut: bool, status: str) -> None:
+        """The assistant message gets what the reply generated (cut to what was heard); the question its
+        transcript (policies of the Realtime-style API above)."""
+        if r.response is None:
+            return
+        item = r.response.item
+        item.text = r.text
+        item.units = list(r.units)
+        item.durations = [int(d) for d in self.synth.durations] if r.units else []
+        item.audio_s = r.metrics.reply_s
+        item.frame_s = self._frame_s
+        if cut:
+            item.heard_s = finished.position
+        item.status = "completed" if status == "completed" and not cut else "incomplete"
+        question = r.user_item
+        if question is None or r.answer_task is not Task.SPEECH:
+            return
+        if r.transcript:
+            question.text = r.transcript
+        elif r.source == "turn" and not item.heard_text:
+            question.in_context = item.in_context = False  # answered with nothing: no history (module doc)
+            question.units = question.units if question.units is not None else []
+        elif r.source == "turn":
+            question.text = ""
+
+    def _end_response(self, r: _Reply, status: str, reason: str | None = None, error: str | None = None) -> None:
+        response = r.response
+        if response is None:
+            return
+        response.status, response.reason, response.error = status, reason, error
+        if response.item.status == "in_progress":
+            response.item.status = "incomplete"
+        vocab = self.vocab
+        prompt = r.record.prompt
+        audio_in = sum(1 for t in prompt if vocab.is_unit(t))
+        u = response.usage
+        u.input_tokens, u.input_audio_tokens = len(prompt), audio_in
+        u.input_text_tokens = len(prompt) - audio_in
+        u.cached_tokens = r.cached_tokens
+        u.output_tokens, u.output_audio_tokens = r.generated, r.generated_units
+        u.output_text_tokens = r.generated - r.generated_units
+        self.events.emit(ResponseDone(response))
 
     def _fail(self, r: _Reply, stage: str, exc: BaseException) -> None:
         r.metrics.errors.append(f"{stage}: {type(exc).__name__}: {exc}")
@@ -713,7 +1165,15 @@ class Session:
         if r.audio_started:
             self.output.clear_buffer()
         self._halt(r)
+        if r.response is not None:  # a failed answer is no history (its question stays, unless a VAD turn's)
+            item = r.response.item
+            item.text, item.units, item.in_context = r.text, list(r.units), False
+            if r.source == "turn" and r.user_item is not None:
+                r.user_item.in_context = False
+                if r.user_item.units is None:
+                    r.user_item.units = []
         self._finish(r)
+        self._end_response(r, "failed", "error", f"{stage}: {type(exc).__name__}: {exc}")
         self.turns.append(r.metrics)
         self.events.emit(TurnCompleted(r.metrics))
 
