@@ -580,3 +580,22 @@ def test_command_line_mistakes_get_one_line_before_any_model_loads(case, tmp_pat
                 "token env": "SPEECHGPT_RT_TEST_TOKEN", "prompts": "expected a JSON object",
                 "providers": "skype"}[case]
     assert expected in err[0]
+
+
+def test_needed_prebuffer_is_the_least_that_plays_the_frames_back_to_back():
+    from agent.telephony.output import needed_prebuffer
+
+    def plays(arrivals, prebuffer):  # straightforward simulation: start once `prebuffer` is in, then real time
+        start = next(t for t, h, d in arrivals if h + d >= prebuffer - 1e-9)
+        return all(t <= start + h + 1e-9 for t, h, _ in arrivals)
+
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        n = int(rng.integers(5, 80))
+        gaps = rng.exponential(0.02, n) * rng.choice([0.2, 1.0, 3.0])
+        arrivals = [(float(t), k * 0.02, 0.02) for k, t in enumerate(np.cumsum(gaps))]
+        need = needed_prebuffer(arrivals)
+        assert plays(arrivals, need)
+        smaller = [k * 0.02 for k in range(1, n + 1) if k * 0.02 < need - 1e-9]
+        assert not any(plays(arrivals, p) for p in smaller)  # and nothing less would do
+    assert needed_prebuffer([(k * 0.02, k * 0.02, 0.02) for k in range(10)]) == pytest.approx(0.02)  # real time

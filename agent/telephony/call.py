@@ -147,7 +147,7 @@ class CallSummary:
     turns: int
     problems: dict[str, int]
     output: dict[str, int] = field(default_factory=dict)
-    production_deficits: list[float] = field(default_factory=list)  # per reply (agent/telephony/output.py)
+    prebuffer_needed: list[float] = field(default_factory=list)  # per reply (agent/telephony/output.py)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -345,6 +345,8 @@ class Call:
         self.ending = True
         if self.input is not None:
             self.input.close()
+        for _ in range(5):  # a reply whose last mark came with the hang-up: let the session record it first
+            await asyncio.sleep(0)
         turns = 0
         if self.session is not None:
             self.session.events.emit(CallEnded(self.reason, self.clock.now(), dict(self.problems)))
@@ -366,7 +368,7 @@ class Call:
         summary = CallSummary(self.name, self.provider, self.started.call_id if self.started else "", self.reason,
                               round(time.monotonic() - self._t0, 3), turns, dict(self.problems),
                               dict(self.output.stats) if self.output is not None else {},
-                              list(self.output.production_deficits) if self.output is not None else [])
+                              list(self.output.prebuffer_needed) if self.output is not None else [])
         log.info("%s: call ended (%s) after %.1f s, %d turn(s)%s", self.name, self.reason, summary.duration_s, turns,
                  f"; problems {dict(self.problems)}" if self.problems else "")
         self.server.call_ended(self, summary)

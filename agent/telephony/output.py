@@ -14,7 +14,8 @@
   the reply finishes anyway with the estimated position and the call counts a `mark_timeouts`;
 - `clear_buffer()` (barge-in) sends the provider's clear at once, ahead of any further audio, drops what is queued
   here and returns what was heard. Echoes of the cleared reply's marks (providers echo them on clear) are ignored.
-- underruns: a chunk sent after the provider's buffer (as estimated) ran dry inside a reply.
+- underruns: a chunk sent after the provider's buffer (as estimated) ran dry inside a reply. Each reply also
+  records the prebuffer it would have needed (`prebuffer_needed`): measured headroom, not a guess.
 
 `CallInput` is the inbound side: the call handler pushes decoded frames at the call's rate (the session's VAD
 resamples to 16 kHz); the session stamps them on arrival.
@@ -117,8 +118,7 @@ class _Reply:
     final_mark: str | None = None
     deadline: float | None = None  # mark watchdog
     underruns: int = 0
-    first_frame_at: float | None = None
-    deficit_s: float = 0.0  # how far the session's frames fell behind real time since the first one
+    arrivals: list = field(default_factory=list)  # (time, reply audio before it, its duration) per session frame
     done: asyncio.Future | None = None
 
     @property
@@ -127,6 +127,21 @@ class _Reply:
 
 
 Send = Callable[[str | bytes], Awaitable[None]]
+
+
+def needed_prebuffer(arrivals: list[tuple[float, float, float]]) -> float:
+    """The least prebuffer (seconds of audio held before playout starts) with which frames arriving at these times
+    play back to back without running dry. Frame k (arriving at t_k, starting h_k into the reply) must be there when
+    playout reaches h_k: t_k <= start + h_k for every k, i.e. start >= D = max(t_k - h_k). Playout starts when the
+    prebuffer is complete, at the arrival of the frame that completes it: the first frame arriving at or after D
+    decides, and the prebuffer is the audio up to its end."""
+    if not arrivals:
+        return 0.0
+    latest = max(t - h for t, h, _ in arrivals)
+    for t, h, duration in arrivals:
+        if t >= latest - 1e-9:
+            return h + duration
+    return arrivals[-1][1] + arrivals[-1][2]  # pragma: no cover - the frame that sets `latest` qualifies
 
 
 class CallOutput(AudioOutput):
@@ -151,9 +166,9 @@ class CallOutput(AudioOutput):
         self.stats = {"chunks_sent": 0, "marks_sent": 0, "marks_echoed": 0, "clears_sent": 0, "underruns": 0,
                       "mark_timeouts": 0, "late_marks": 0}
         self.truncated_at: list[str | None] = []  # per interrupted reply: the mark whose echo set the position
-        # per reply: the prebuffer it would have needed to never run dry (how far the session's frames fell
-        # behind real time after its first one); what `prebuffer_s` must cover on this machine at this load
-        self.production_deficits: list[float] = []
+        # per reply: the least prebuffer that would have played it without an underrun, given when the session
+        # handed its frames (needed_prebuffer): what `prebuffer_s` must cover on this machine at this load
+        self.prebuffer_needed: list[float] = []
         self._last_echoed: str | None = None
 
     # ---- the AudioOutput contract ---------------------------------------------------------------------------
@@ -173,10 +188,7 @@ class CallOutput(AudioOutput):
         elif reply.flushed:
             raise RuntimeError("capture_frame() after flush(): wait_for_playout() before the next reply")
         mono = frame.to_float32_mono()
-        now = self.clock.now()
-        if reply.first_frame_at is None:
-            reply.first_frame_at = now
-        reply.deficit_s = max(reply.deficit_s, now - reply.first_frame_at - reply.handed_s)
+        reply.arrivals.append((self.clock.now(), reply.handed_s, mono.num_samples / SESSION_RATE))
         reply.handed_s += mono.num_samples / SESSION_RATE
         parts = self._resampler.push(mono) if self._resampler is not None else [mono]
         self._queue_samples(reply, parts)
@@ -265,7 +277,7 @@ class CallOutput(AudioOutput):
         event = PlaybackFinished(min(position, reply.handed_s), interrupted, self.clock.now(), reply.underruns)
         if self._reply is reply:
             self._reply = None
-            self.production_deficits.append(round(reply.deficit_s, 4))
+            self.prebuffer_needed.append(round(needed_prebuffer(reply.arrivals), 4))
         self.finished.append(event)
         if reply.done is not None and not reply.done.done():
             reply.done.set_result(event)
