@@ -11,6 +11,8 @@ length) by:
                two-launch attention, programmatic dependent launch on Hopper) and keeps the fastest that passes
                its check; the race is printed. With `variants`, each variant is then also measured on its own as
                `engine[<variant>]` (e.g. `engine[unfused]`, one kernel per op: what the fusion replaces).
+               On the CPU `engine` runs its decode layers compiled by torch.compile (cpu_compile) and
+               `engine_eager`, side by side, is the same engine on the eager reference ops (the default).
 ms/token is the median over steps (p90 too); achieved GB/s counts the weight bytes and the KV-cache bytes each
 step reads; % of spec is against the card's datasheet memory bandwidth. Prefill time is measured for 128/512/1024
 tokens, by the engine's default path (`prefill_ms`: CUDA-graph replays per token bucket on CUDA) and, side by side,
@@ -297,6 +299,7 @@ def benchmark(
     json_path: Path | None = None,
     log=print,
     variants: list[str] | None = None,
+    cpu_compile: bool = True,
 ) -> dict:
     unknown = [m for m in methods if m not in ("engine", "variants", "compile", "hf") and m not in STEP_VARIANTS]
     if unknown:
@@ -344,8 +347,19 @@ def benchmark(
         plan.append((requested, ctx))
 
     t0 = time.perf_counter()
+    compiled_cpu = cpu_compile and dev.type == "cpu"
     engine = DecodeEngine(weights, max_seq=max_seq, gemv=gemv, unit_rows_start=SPEECHGPT_TEXT_ROWS,
-                          unit_span_ids=SPEECHGPT_UNIT_SPAN_IDS)
+                          unit_span_ids=SPEECHGPT_UNIT_SPAN_IDS, cpu_compile=compiled_cpu, cpu_draw="kept" if compiled_cpu else "hf")
+    out["cpu_compile"] = compiled_cpu
+    eager_engine = None
+    if compiled_cpu:
+        t1 = time.perf_counter()
+        engine.warmup(SPEECHGPT_SAMPLING)
+        out["cpu_compile_s"] = time.perf_counter() - t1
+        log(f"[bench-decode] CPU decode layers compiled in {out['cpu_compile_s']:.1f}s (the `engine` rows, drawing over "
+            f"the kept tokens; `engine_eager`: the defaults, eager reference ops and HF's draw)")
+        eager_engine = engine.fork()  # same weights, own cache
+        eager_engine.cpu_compile, eager_engine.cpu_draw = False, "hf"
     out["gemv"] = {"mode": gemv, "per_shape": engine.gemv_report}
     for kind, row in engine.gemv_report.items():
         log(f"[bench-decode] GEMV {kind:>7} {row['n']}x{row['k']}: cuBLAS {row['torch_us']:.1f} us, Triton {row['triton_us']:.1f} us "
@@ -411,6 +425,8 @@ def benchmark(
         record("engine", ctx, loop_ms, requested_context=requested)
         if replay_ms:
             record("engine_replay", ctx, replay_ms, requested_context=requested)
+        if eager_engine is not None:
+            record("engine_eager", ctx, run_engine(eager_engine, ctx, steps)[0], requested_context=requested)
 
     def variant_at(v, requested: int, ctx: int) -> None:
         # The same engine forced to one step variant, for the side-by-side ratios.
@@ -498,7 +514,8 @@ def benchmark(
 
 
 def format_table(res: dict) -> str:
-    lines = [f"bench-decode: {res['config']} {res['dtype']} on {res['device']}" + (f", engine step variant {res['step_variant']}" if res.get("step_variant") else ""),
+    lines = [f"bench-decode: {res['config']} {res['dtype']} on {res['device']}" + (f", engine step variant {res['step_variant']}" if res.get("step_variant") else "")
+             + (", engine = compiled CPU layers, engine_eager = eager reference ops" if res.get("cpu_compile") else ""),
              f"{'method':>24} {'ctx':>5} {'ms/tok':>8} {'p90':>8} {'tok/s':>8} {'GB/s':>8} {'%spec':>6}"]
     for r in res["results"]:
         pct = f"{r['pct_spec']:.1f}" if r.get("pct_spec") else "-"
@@ -553,6 +570,11 @@ def markdown_report(res: dict) -> str:
                 r, e = at(m, ctx), at("engine", ctx)
                 cells.append(f"{r['ms_median']:.3f} ({r['ms_median'] / e['ms_median']:.2f}x)" if r and e else ms(r))
             out.append(f"| {m[7:-1]} | " + " | ".join(cells) + " |")
+    eager = [(ctx, at("engine_eager", ctx), at("engine", ctx)) for ctx in contexts]
+    if any(r for _, r, _ in eager):
+        out += ["", f"CPU: `engine` runs the decode layers compiled by torch.compile (compiled in {res.get('cpu_compile_s', 0):.1f}s "
+                    "at load); `engine_eager` is the same engine on the eager reference ops (the default), ms/token (ratio to `engine`): "
+                + ", ".join(f"ctx {ctx}: {r['ms_median']:.3f} ({r['ms_median'] / e['ms_median']:.2f}x)" for ctx, r, e in eager if r and e)]
     for name, p in (res.get("profile") or {}).items():
         out += ["", f"Profile of `{name}` at context {p['context']}: {p['step_us']:.0f} us per step = {p['kernel_us']:.0f} us of "
                     f"kernels ({p['kernels_per_step']:.0f} launches) + {p['idle_us']:.0f} us idle.", "",
@@ -583,6 +605,9 @@ def add_arguments(parser) -> None:
                              f"{', '.join(STEP_VARIANTS)}")
     parser.add_argument("--gemv", default="auto", choices=["auto", "torch", "triton"],
                         help="engine GEMVs: auto = measure cuBLAS vs Triton per shape and keep the faster")
+    parser.add_argument("--no-cpu-compile", dest="cpu_compile", action="store_false",
+                        help="on the CPU, measure only the eager engine (default: `engine` = compiled CPU decode layers, "
+                             "`engine_eager` side by side)")
     parser.add_argument("--json", type=Path, required=True, help="write results here")
 
 
@@ -593,7 +618,7 @@ def run(args) -> int:
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     variants = args.step_variants.split(",") if args.step_variants else None
     res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","), args.gemv, args.json,
-                    variants=variants)
+                    variants=variants, cpu_compile=args.cpu_compile)
     print(format_table(res))
     return 0 if not res["errors"] else 1
 

@@ -5,7 +5,10 @@ token, position and "unit span open" flag from device memory and writes the next
 the GPU without the host. The host copies each sampled token to pinned memory asynchronously and reads it one
 step behind: while it looks at token i (stop conditions, parser, cancel), step i + 1 is already queued, so the GPU
 never waits for the host. A stop or cancel discards the one step computed ahead and rolls the position back.
-On the CPU the same step runs eagerly with the torch reference ops.
+On the CPU the same step runs eagerly with the torch reference ops and draws like transformers (same tokens for a
+seed); `cpu_compile` runs the layers through torch.compile instead (kernels.cpu_step, compiled once per process and
+shape) and `cpu_draw="kept"` draws from the same distribution with random numbers for the kept tokens only: both
+faster at small shapes, neither token-exact with transformers, so both off by default.
 
 Sampling settings are per call; a graph is captured per distinct (settings, head mode, step variant) and kept.
 How a step is launched (StepVariant: fused or unfused layers, one- or two-launch attention, programmatic dependent
@@ -32,7 +35,7 @@ import torch
 
 from kernels.checkpoint import LlamaCheckpoint
 from kernels.model import LlamaModel, LlamaWeights
-from kernels.sampling import SPEECHGPT_SAMPLING, SamplerState, SamplingParams, sample, sampling_scratch
+from kernels.sampling import CPU_DRAWS, SPEECHGPT_SAMPLING, SamplerState, SamplingParams, sample, sampling_scratch
 
 
 # (N, K, dtype, device name) -> bench_gemv row with the decision, measured once per process.
@@ -153,6 +156,8 @@ class DecodeEngine:
         tune: bool = True,
         prefill_graphs: bool = True,
         prefill_buckets: Sequence[int] = PREFILL_BUCKETS,
+        cpu_compile: bool = False,
+        cpu_draw: str = "hf",
     ):
         """unit_rows_start: the first row the speech-mode head scores inside a unit span (units, then specials, to
         the vocabulary's end); None disables the speech head. unit_span_ids: (open, close) ids of a unit span. Both
@@ -170,11 +175,21 @@ class DecodeEngine:
         fused / pdl / one_launch_attention / l2_prefetch are the starting `step_variant`. tune: on CUDA with
         graphs, warmup() replaces it by the fastest variant measured on this card that passes the check (tune_step).
         prefill_graphs: on CUDA with cuda_graphs, prefill by replaying one captured graph per token bucket
-        (prefill_buckets; those longer than the cache are dropped); False = eager prefill."""
+        (prefill_buckets; those longer than the cache are dropped); False = eager prefill.
+        cpu_compile: on the CPU, decode layers compiled by torch.compile (kernels.cpu_step: once per process and
+        shape, shared by forks; warmup() compiles them) instead of the eager reference ops, which round differently:
+        faster at small shapes, not bit-exact with transformers, so off by default.
+        cpu_draw: how the CPU sampler draws (kernels.sampling.sample): "hf" = torch.multinomial's random stream over
+        the whole vocabulary, token for token what transformers draws for a seed (V random numbers per token);
+        "kept" = the same distribution from random numbers for the kept tokens only (a different stream)."""
         self.tune = tune
         self.tune_report: dict | None = None  # what tune_step measured and chose
         self.sosp_id, self.eosp_id = unit_span_ids
         self._init_conversation(LlamaModel(weights, max_seq, unit_rows_start=unit_rows_start), cuda_graphs)
+        self.cpu_compile = cpu_compile
+        if cpu_draw not in CPU_DRAWS:
+            raise ValueError(f"cpu_draw must be one of {', '.join(CPU_DRAWS)}, got {cpu_draw!r}")
+        self.cpu_draw = cpu_draw
         self.step_variant = StepVariant(fused=fused, pdl=pdl, one_launch_attention=one_launch_attention, l2_prefetch=l2_prefetch)
         self.gemv_report: dict[str, dict] = {}
         self.fused_report: dict[str, dict] = {}
@@ -228,16 +243,17 @@ class DecodeEngine:
         """A new engine for another conversation over the same weight tensors (no copy), with every load-time
         decision of this one reused as it stands, nothing measured again: GEMV and fused-kernel configs (and their
         reports), the step variant and tune_report, prefill buckets, max_seq, the speech head's rows and span ids,
-        the graph flags. The fork never races step variants (tune is off: fork after warmup() to share the race's
-        choice); its warmup() only captures its own graphs. It owns its KV cache, decode buffers, sampler state,
-        position, CUDA graphs, graph pool and lock, so forks prefill and decode independently (from different
-        threads too)."""
+        the graph flags, cpu_compile (the compiled CPU layers are shared: nothing is compiled again) and cpu_draw. The fork never
+        races step variants (tune is off: fork after warmup() to share the race's choice); its warmup() only
+        captures its own graphs. It owns its KV cache, decode buffers, sampler state, position, CUDA graphs, graph
+        pool and lock, so forks prefill and decode independently (from different threads too)."""
         src = self.model
         twin = object.__new__(type(self))
         twin.tune, twin.tune_report = False, self.tune_report
         twin.sosp_id, twin.eosp_id = self.sosp_id, self.eosp_id
         twin._init_conversation(LlamaModel(src.w, src.max_seq, unit_rows_start=src.unit_rows_start), self.cuda_graphs)
         twin.model.gemv_choice, twin.model.fused_choice = dict(src.gemv_choice), dict(src.fused_choice)
+        twin.cpu_compile, twin.cpu_draw = self.cpu_compile, self.cpu_draw
         twin.step_variant = self.step_variant
         twin.gemv_report, twin.fused_report = self.gemv_report, self.fused_report
         twin.prefill_buckets, twin.prefill_graphs, twin.prefill_bucketed = self.prefill_buckets, self.prefill_graphs, self.prefill_bucketed
@@ -331,6 +347,16 @@ class DecodeEngine:
             raise ValueError("pdl applies to the fused decode layers only")
         m = self.model
         m.fused, m.pdl, m.attn_one_launch, m.attn_l2_prefetch = v.fused, v.pdl, v.one_launch_attention, v.l2_prefetch
+
+    @property
+    def cpu_compile(self) -> bool:
+        """On the CPU: decode layers through torch.compile (kernels.cpu_step) instead of the eager reference ops."""
+        return self.model.cpu_compiled
+
+    @cpu_compile.setter
+    def cpu_compile(self, on: bool) -> None:
+        self._check_idle("changing cpu_compile")
+        self.model.cpu_compiled = bool(on) and self.device.type == "cpu"
 
     def _hopper(self) -> bool:
         return self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
@@ -500,6 +526,8 @@ class DecodeEngine:
         budget = self.max_seq - self._pos
         if max_new_tokens is not None:
             budget = min(budget, max_new_tokens)
+        if self.forced_tokens:
+            budget = min(budget, self.forced_tokens)
         stops = {params.eos_id} if stop_ids is None else set(stop_ids)
         return DecodeStream(self, params, seed, max(budget, 0), speech_mode, stops, unit_span_open)
 
@@ -515,7 +543,38 @@ class DecodeEngine:
 
             sample_triton(logits, params, self.state, scratch=self.sampling_scratch)
         else:
-            sample(logits, params, self.state, generator=self._cpu_generator)
+            sample(logits, params, self.state, generator=self._cpu_generator, cpu_draw=self.cpu_draw)
+        if self.forced_tokens:
+            # token k of the answer (num_generated is k + 1 now) comes from the script; on the device, so it is
+            # part of the captured graph
+            st, buf = self.state, self._forced_buf
+            k = torch.minimum(st.num_generated.long() - 1, self._forced_last)
+            st.token_out.copy_(buf.index_select(0, k.clamp_min(0)))
+
+    # ---- scripted answers (benchmarks) ----------------------------------------------------------------------
+
+    forced_tokens: int = 0  # length of the script in use (0: sample)
+
+    def set_forced_tokens(self, tokens: Sequence[int] | None) -> None:
+        """Benchmarks: from now on every decode emits these tokens, one per step, instead of sampling, and stops
+        after the last one. The model still runs every step (the work is the real work), so random weights give a
+        fixed, repeatable workload. None: sample again."""
+        self._check_idle("set_forced_tokens")
+        if tokens is None:
+            self.forced_tokens = 0
+            return
+        ids = torch.tensor([int(t) for t in tokens], dtype=torch.int64)
+        vocab = self.model.arch.vocab_size
+        if ids.numel() == 0 or ids.numel() > self.max_seq:
+            raise ValueError(f"set_forced_tokens: expected 1..{self.max_seq} tokens, got {ids.numel()}")
+        if bool(((ids < 0) | (ids >= vocab)).any()):
+            raise ValueError(f"set_forced_tokens: token ids must be in [0, {vocab})")
+        if getattr(self, "_forced_buf", None) is None:  # one buffer for the engine's life: graphs keep its address
+            self._forced_buf = torch.zeros(self.max_seq, dtype=torch.int64, device=self.device)
+            self._forced_last = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._forced_buf[: ids.numel()].copy_(ids)
+        self._forced_last.fill_(ids.numel() - 1)
+        self.forced_tokens = int(ids.numel())
 
     def _update_span_flag(self) -> None:
         tok = self.state.token_out
@@ -541,7 +600,7 @@ class DecodeEngine:
             t.copy_(s)
 
     def _graph(self, params: SamplingParams, speech_mode: bool) -> torch.cuda.CUDAGraph:
-        key = (params, speech_mode, self.step_variant)
+        key = (params, speech_mode, self.step_variant, bool(self.forced_tokens))
         if key in self._graphs:
             return self._graphs[key]
         # Warm-up and capture run (or record) the step, which advances device state: save and restore it.
@@ -563,7 +622,10 @@ class DecodeEngine:
 
     def warmup(self, params: SamplingParams = SPEECHGPT_SAMPLING, speech_mode: bool = False) -> None:
         """Capture the graph for these settings now rather than at the first decode. With `tune` (the default) the
-        first warmup also picks the fastest step variant on this card (tune_step)."""
+        first warmup also picks the fastest step variant on this card (tune_step). On the CPU with cpu_compile it
+        compiles the decode layers (once per process and shape)."""
+        if self.model.cpu_compiled:
+            self.model.warm_cpu_compiled()
         if not self.use_graphs:
             return
         if self.tune and self.tune_report is None:

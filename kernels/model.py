@@ -189,6 +189,9 @@ class LlamaModel:
         self.attn_counters = attention_counters(arch.num_heads, self.device)
         # Let decode attention pull the layer's o_proj weights into L2 while it runs (Hopper; a hint, same output).
         self.attn_l2_prefetch = False
+        # CPU only: run the decode layers through torch.compile (kernels.cpu_step; compiled once per process and
+        # shape). Rounds differently from the eager reference ops, so off unless asked for.
+        self.cpu_compiled = False
         self.hidden = torch.empty(1, arch.hidden_size, dtype=self.dtype, device=self.device)  # the residual stream
         self.q_buf = torch.empty(arch.num_heads, arch.head_dim, dtype=self.dtype, device=self.device)
         self.act_buf = torch.empty(1, arch.intermediate_size, dtype=self.dtype, device=self.device)
@@ -292,7 +295,12 @@ class LlamaModel:
         self.logits. seq_len (int32 [1]) is set to pos + 1 here; pos is advanced by one. When unit_span_open
         (int32 [1]) is given and non-zero, rows below unit_rows_start are -inf (the speech-mode head)."""
         torch.add(pos, 1, out=seq_len)
-        h = self._decode_layers_fused(token, pos, seq_len) if self.fused else self._decode_layers(token, pos, seq_len)
+        if self.cpu_compiled and self.device.type == "cpu":
+            h = self._decode_layers_compiled(token, pos)
+        elif self.fused:
+            h = self._decode_layers_fused(token, pos, seq_len)
+        else:
+            h = self._decode_layers(token, pos, seq_len)
         self._head(h, unit_span_open)
         pos.add_(1)
         return self.logits
@@ -340,6 +348,33 @@ class LlamaModel:
             act = norm_gate_up_silu(hidden, L.mlp_norm, L.w_gate_up, eps, self.act_buf, cfg.get("gate_up"), pdl)
             gemv_residual(act, L.w_down, hidden, cfg.get("down"), pdl)
         return rmsnorm(hidden, self.w.norm, eps)
+
+    def _layer_tuples(self) -> list[tuple[torch.Tensor, ...]]:
+        return [(L.attn_norm, L.wqkv, L.wo, L.mlp_norm, L.w_gate_up, L.w_down) for L in self.w.layers]
+
+    def _decode_layers_compiled(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The CPU step's layers as one compiled call (kernels.cpu_step). Updates the residual stream self.hidden
+        like the eager paths; returns the final-normed hidden state."""
+        from kernels.cpu_step import compiled_decode_layers
+
+        hidden, h, k, v = compiled_decode_layers()(token, pos, self.w.embed, self._layer_tuples(), self.cache.k, self.cache.v,
+                                                   self.cos, self.sin, self.w.norm, self.arch.rms_norm_eps)
+        at = pos.reshape(1).long()
+        self.cache.k.index_copy_(2, at, k.unsqueeze(2).to(self.dtype))
+        self.cache.v.index_copy_(2, at, v.unsqueeze(2).to(self.dtype))
+        self.hidden.copy_(hidden)
+        return h
+
+    @torch.no_grad()  # as decode_step runs: grad mode is part of what the compiled code was specialised for
+    def warm_cpu_compiled(self) -> None:
+        """Compile the CPU step's layers now (a no-op once this process compiled them for these shapes); the call
+        writes nothing (the caller of the compiled layers writes the K/V)."""
+        from kernels.cpu_step import compiled_decode_layers
+
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
+        pos = torch.zeros(1, dtype=torch.int32, device=self.device)
+        compiled_decode_layers()(token, pos, self.w.embed, self._layer_tuples(), self.cache.k, self.cache.v, self.cos, self.sin,
+                                 self.w.norm, self.arch.rms_norm_eps)
 
     def _head(self, h: torch.Tensor, unit_span_open: torch.Tensor | None) -> None:
         """h [1, H] -> fp32 logits in self.logits."""

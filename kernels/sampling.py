@@ -38,6 +38,7 @@ within ~1e-6 of 1 - top_p. NaN logits are not supported (HF would fail in multin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "CPU_DRAWS",
     "K_MAX",
     "SampleDebug",
     "SamplerState",
@@ -54,7 +56,10 @@ __all__ = [
     "greedy",
     "greedy_reference",
     "greedy_triton",
+    "kept_distribution",
     "sample",
+    "sample_host",
+    "sample_kept",
     "sample_reference",
     "sample_triton",
     "sample_triton_debug",
@@ -174,6 +179,119 @@ def sample_reference(
         return int(torch.argmax(scores)) + vocab_offset
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator)) + vocab_offset
+
+
+def sample_host(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    num_generated: int,
+    generator: torch.Generator | None = None,
+    vocab_offset: int = 0,
+) -> int:
+    """sample_reference's draw, bit for bit and with the same use of the generator, without its full-vocabulary
+    sort (the CPU engine's sampler: the sort was most of a tiny model's step).
+
+    After top-k only the tokens >= the k-th largest score are finite, so top-p's ascending sort of all V scores is
+    (V - m) -infs followed by the m candidates in order: it is built from a sort of the m candidates, and softmax and
+    cumsum then run on the same [1, V] values as in the reference (same rounding). torch.multinomial(probs, 1) is
+    argmax(probs / E) with E = an Exp(1) draw for each of the V entries (torch's one-sample path): the V draws are
+    made (the generator advances as in the reference), the ratio is taken over the kept tokens only (every other
+    ratio is 0; index order keeps argmax's first-index rule). Where this shortcut is not exact the reference runs:
+    greedy, no top-k or k > V / 4, fewer than k finite scores, or tied candidate scores (their top-p order is
+    torch.sort's over the whole vector)."""
+    if logits.dim() != 1:
+        raise ValueError(f"sample_host: logits must be [V], got {tuple(logits.shape)}")
+    vocab = logits.shape[0]
+    k = min(max(params.top_k, 1), vocab)
+    if params.greedy or params.top_k == 0 or 4 * k > vocab:
+        return sample_reference(logits, params, num_generated, generator, vocab_offset)
+    scores = logits.float()
+    eos = _eos_local(params, vocab_offset, vocab)
+    if eos >= 0 and num_generated < params.min_new_tokens:
+        scores = scores.clone()
+        scores[eos] = float("-inf")
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    kth = torch.topk(scores, k)[0][-1]
+    if not bool(torch.isfinite(kth)):
+        return sample_reference(logits, params, num_generated, generator, vocab_offset)
+    keep = (scores >= kth).nonzero()[:, 0]  # the top-k survivors (ties at the k-th value too), in index order
+    values = scores[keep]
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(values)
+        if bool((ordered[1:] == ordered[:-1]).any()):
+            return sample_reference(logits, params, num_generated, generator, vocab_offset)
+        m = ordered.numel()
+        sorted_logits = torch.full((1, vocab), float("-inf"), device=scores.device)
+        sorted_logits[0, vocab - m :] = ordered
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)[0, vocab - m :]
+        remove = cumulative <= (1 - params.top_p)
+        remove[-1] = False
+        keep = keep[order[~remove].sort().values]
+        values = scores[keep]
+    final = torch.full((vocab,), float("-inf"), device=scores.device)
+    final[keep] = values
+    probs = torch.softmax(final, dim=-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return int(keep[torch.argmax(probs[keep] / race[keep])]) + vocab_offset
+
+
+def kept_distribution(
+    logits: torch.Tensor, params: SamplingParams, num_generated: int, vocab_offset: int = 0
+) -> tuple[torch.Tensor, list[float]] | None:
+    """The tokens HF's processors keep and their probabilities, from the top-k alone: (local ids [m], by descending
+    score; their probabilities, m floats). The same set and probabilities as softmax(filter_logits_reference) up to
+    rounding: temperature, softmax and top-p's cumulative sum run in float64 on the k values on the host (HF: fp32
+    over all V), so a token whose cumulative probability lies within rounding of 1 - top_p may fall on the other side.
+    None where it does not apply: greedy, no top-k or k > V / 4, fewer than k finite scores, a tie at the k-th value."""
+    vocab = logits.shape[0]
+    k = min(max(params.top_k, 1), vocab)
+    if params.greedy or params.top_k == 0 or 4 * k > vocab:
+        return None
+    scores = logits.float()
+    eos = _eos_local(params, vocab_offset, vocab)
+    if eos >= 0 and num_generated < params.min_new_tokens:
+        scores = scores.clone()
+        scores[eos] = float("-inf")
+    values, ids = torch.topk(scores, k + 1)  # one more, to see a tie at the k-th value (HF would keep it)
+    top = values.tolist()
+    if not math.isfinite(top[k - 1]) or top[k] == top[k - 1]:
+        return None
+    scaled = [v / params.temperature for v in top[:k]]
+    weights = [math.exp(v - scaled[0]) for v in scaled]
+    m = k
+    if params.top_p < 1.0:  # HF: remove where the ascending cumulative probability <= 1 - top_p, never the largest
+        total, cumulative = sum(weights), 0.0
+        while m > 1:
+            cumulative += weights[m - 1] / total
+            if cumulative > 1 - params.top_p:
+                break
+            m -= 1
+    total = sum(weights[:m])
+    return ids[:m], [w / total for w in weights[:m]]
+
+
+def sample_kept(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    num_generated: int,
+    generator: torch.Generator | None = None,
+    vocab_offset: int = 0,
+) -> int:
+    """A draw from HF's distribution (kept_distribution) with random numbers for the kept tokens only: the
+    exponential race argmax(p_i / E_i), E_i ~ Exp(1), picks token i with probability p_i (the rule torch.multinomial's
+    one-sample draw uses over all V entries). m draws instead of V, but not HF's random stream: a seed gives other
+    tokens than the reference. Where kept_distribution does not apply, sample_host (HF's draw)."""
+    kept = kept_distribution(logits, params, num_generated, vocab_offset)
+    if kept is None:
+        return sample_host(logits, params, num_generated, generator, vocab_offset)
+    ids, probs = kept
+    race = torch.empty(len(probs)).exponential_(1, generator=generator).tolist()
+    best = max(range(len(probs)), key=lambda i: probs[i] / race[i] if race[i] > 0 else math.inf)
+    return int(ids[best]) + vocab_offset
+
+
+CPU_DRAWS = {"hf": sample_host, "kept": sample_kept}  # how the CPU sampler draws (see sample)
 
 
 def greedy_reference(logits: torch.Tensor, vocab_offset: int = 0) -> int:
@@ -583,16 +701,21 @@ def sample(
     state: SamplerState,
     vocab_offset: int = 0,
     generator: torch.Generator | None = None,
+    cpu_draw: str = "hf",
 ) -> torch.Tensor:
     """Samples one token into state.token_out and advances the state, on CUDA with the fused kernels, elsewhere
-    with the reference (HF multinomial; `generator` or one seeded from (seed, offset))."""
+    with cpu_draw: "hf" = the reference's draw (sample_host: HF multinomial, its random stream), "kept" = the same
+    distribution from random numbers for the kept tokens only (sample_kept); `generator` or one seeded from
+    (seed, offset)."""
     if logits.is_cuda:
         return sample_triton(logits, params, state, vocab_offset=vocab_offset)
     offset = int(state.offset.reshape(-1)[0])
     if generator is None:
         generator = torch.Generator(device=logits.device)
         generator.manual_seed(hash((int(state.seed.reshape(-1)[0]), offset)) & (2**63 - 1))
-    token = sample_reference(logits, params, int(state.num_generated.reshape(-1)[0]), generator, vocab_offset)
+    if cpu_draw not in CPU_DRAWS:
+        raise ValueError(f"sample: cpu_draw must be one of {', '.join(CPU_DRAWS)}, got {cpu_draw!r}")
+    token = CPU_DRAWS[cpu_draw](logits, params, int(state.num_generated.reshape(-1)[0]), generator, vocab_offset)
     state.token_out.fill_(token)
     state.num_generated.add_(1)
     state.offset.add_(1)

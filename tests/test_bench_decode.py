@@ -22,13 +22,15 @@ def result(tmp_path_factory):
 def test_every_method_at_every_context_with_ratios(result):
     got = {(r["method"], r["requested_context"]) for r in result["results"]}
     for ctx in (64, 2048):
-        for method in ("engine", "engine[unfused]", "engine[fused+1attn]", "hf_eager"):
+        for method in ("engine", "engine_eager", "engine[unfused]", "engine[fused+1attn]", "hf_eager"):
             assert (method, ctx) in got
-        assert set(result["ratios"][str(ctx)]) == {"engine[unfused]_over_engine", "engine[fused+1attn]_over_engine", "hf_eager_over_engine"}
+        assert set(result["ratios"][str(ctx)]) == {"engine_eager_over_engine", "engine[unfused]_over_engine",
+                                                   "engine[fused+1attn]_over_engine", "hf_eager_over_engine"}
     at_end = next(r for r in result["results"] if r["method"] == "engine" and r["requested_context"] == 2048)
     assert at_end["context"] == 2048 - 4 - 1  # shortened so that the steps fit the window
     assert all(r["ms_median"] > 0 and r["steps"] == 4 for r in result["results"])
     assert result["step_variant"] == "fused" and not result["errors"]
+    assert result["cpu_compile"] and result["cpu_compile_s"] > 0  # on the CPU `engine` runs the compiled layers
     assert set(result["prefill_ms"]) == {"128", "512", "1024"}
 
 
@@ -54,4 +56,5 @@ def test_markdown_report(result):
     assert "| unfused | " in md and "| fused+1attn | " in md  # the per-variant table
     assert "3400 us per step = 3300 us of kernels (194 launches) + 100 us idle" in md
     assert "| _gemv_residual_kernel | 900.0 | 64 |" in md
+    assert "`engine_eager` is the same engine on the eager reference ops" in md and "ctx 2048: " in md
     assert md.count("\n| ") >= 8

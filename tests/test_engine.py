@@ -544,3 +544,41 @@ def test_fork_of_a_tuned_engine_keeps_its_variant_and_reports(tiny_llm):
     assert fork.cuda_graphs == parent.cuda_graphs and fork.prefill_bucketed == parent.prefill_bucketed
     fork.step_variant = STEP_VARIANTS["fused"]  # a fork's variant is its own
     assert parent.step_variant == STEP_VARIANTS["unfused"]
+
+
+def test_compiled_cpu_layers_against_the_eager_step():
+    """cpu_compile runs the decode layers through torch.compile (kernels.cpu_step), whose fused reductions round
+    differently from the eager reference ops: on random weights at bench-decode's tiny shape (one compile per process
+    serves both tests), every step's logits agree within 1e-4 and the greedy tokens are the same (each step's top-2
+    margin is checked to exceed that bound, so an equal argmax is implied, not luck). After warmup() nothing compiles
+    again: not the decode, not a fork's."""
+    from torch._dynamo.utils import counters
+
+    from kernels.bench_decode import CONFIGS, SPEECHGPT_TEXT_ROWS, SPEECHGPT_UNIT_SPAN_IDS
+
+    w = LlamaWeights.random(CONFIGS["tiny"], torch.float32, "cpu", seed=12)
+    kw = {"unit_rows_start": SPEECHGPT_TEXT_ROWS, "unit_span_ids": SPEECHGPT_UNIT_SPAN_IDS}
+    compiled, eager = DecodeEngine(w, cpu_compile=True, **kw), DecodeEngine(w, **kw)
+    assert compiled.cpu_compile and not eager.cpu_compile
+    compiled.warmup()
+    graphs = counters["stats"]["unique_graphs"]  # from here on nothing compiles: not the decode, not a fork
+    prompt = torch.randint(3, SPEECHGPT_TEXT_ROWS, (40,), generator=torch.Generator().manual_seed(12))
+    runs = {}
+    for name, eng in (("compiled", compiled), ("eager", eager)):
+        logits = [eng.prefill(prompt).clone()]
+        tokens = []
+        for t in eng.decode(GREEDY_THROUGH_EOS, max_new_tokens=24):
+            if tokens:
+                logits.append(eng.model.logits.clone())
+            tokens.append(t)
+        runs[name] = tokens, torch.stack(logits)
+    top2 = runs["eager"][1].topk(2, dim=-1).values
+    assert ((top2[:, 0] - top2[:, 1]) > 2e-4).all()
+    torch.testing.assert_close(runs["compiled"][1], runs["eager"][1], rtol=1e-4, atol=1e-4)
+    assert runs["compiled"][0] == runs["eager"][0]
+    fork = compiled.fork()
+    assert fork.cpu_compile
+    fork.warmup()
+    fork.prefill(prompt)
+    assert list(fork.decode(GREEDY_THROUGH_EOS, max_new_tokens=24)) == runs["compiled"][0]
+    assert counters["stats"]["unique_graphs"] == graphs

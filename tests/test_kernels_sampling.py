@@ -340,6 +340,86 @@ def test_dispatchers_use_the_reference_on_cpu(gen, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CPU draws: sample_host (HF's draw without the full sort) and sample_kept (the same distribution, fewer numbers)
+# ---------------------------------------------------------------------------------------------------------------
+
+CPU_CASES = [
+    SamplingParams(),  # SpeechGPT's settings
+    SamplingParams(top_p=1.0),
+    SamplingParams(top_k=5, top_p=0.5, temperature=1.0),
+    SamplingParams(top_k=0),  # no top-k: the reference runs
+    SamplingParams(greedy=True),
+]
+
+
+def _cpu_logits(gen: torch.Generator, case: int, vocab: int = 33006) -> torch.Tensor:
+    logits = torch.randn((vocab,), generator=gen) * (1 + case % 4)
+    if case % 3 == 0:
+        logits = logits.bfloat16().float()  # ties, the top-p cut among them included
+    if case % 5 == 0:
+        logits[: vocab - 1006] = float("-inf")  # the speech head's masked text rows
+    if case % 7 == 0:
+        logits[2] = logits.max() + 1.0  # EOS on top: the min-new-tokens ban decides
+    return logits
+
+
+@pytest.mark.parametrize("params", CPU_CASES, ids=["speechgpt", "no_top_p", "k5_p05", "no_top_k", "greedy"])
+def test_sample_host_is_the_reference_draw_bit_for_bit(gen, params):
+    """Same token and the same generator state afterwards as sample_reference (HF's multinomial), on fresh logits
+    with and without ties, masked rows and a banned EOS."""
+    for case in range(12):
+        logits = _cpu_logits(gen, case)
+        seed = _seed(gen)
+        g_ref, g_host = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for num_generated in (case, 20):
+            want = smp.sample_reference(logits, params, num_generated, g_ref)
+            assert smp.sample_host(logits, params, num_generated, g_host) == want, (case, num_generated)
+        assert torch.equal(g_ref.get_state(), g_host.get_state())
+
+
+@pytest.mark.parametrize("params", CPU_CASES[:3], ids=["speechgpt", "no_top_p", "k5_p05"])
+def test_kept_distribution_is_the_reference_one(gen, params):
+    """The kept set equals the reference's, probabilities within 1e-6 (float64 on the top-k vs HF's fp32 over V), on
+    fresh continuous logits (a bf16 tie at the k-th value returns None: the caller falls back to HF's draw)."""
+    for case in range(8):
+        logits = torch.randn((33006,), generator=gen) * (1 + case % 4)
+        num_generated = 3 if case % 2 else 20
+        logits[2] = logits.max() + 0.5  # EOS on top: banned below min_new_tokens
+        ids, probs = smp.kept_distribution(logits, params, num_generated)
+        ref_ids, ref_probs = _reference_kept(logits, params, num_generated)
+        assert sorted(ids.tolist()) == sorted(ref_ids.tolist()), case
+        torch.testing.assert_close(torch.tensor(probs, dtype=torch.float64), ref_probs[ids].double(), atol=1e-6, rtol=0)
+    tied = torch.zeros(33006)
+    tied[:60] = 1.0  # 60 tokens tie at the 50th value
+    assert smp.kept_distribution(tied, SamplingParams(), 20) is None
+    assert smp.kept_distribution(tied, SamplingParams(greedy=True), 20) is None
+
+
+def test_sample_kept_draws_follow_the_reference_distribution(gen):
+    """The exponential race over the kept tokens against the reference probabilities (chi-square, fixed seed), and
+    the CPU dispatcher draws that way with cpu_draw="kept"."""
+    vocab = 257
+    logits = torch.randn((vocab,), generator=gen) * 0.3 - 6.0
+    likely = torch.randperm(vocab, generator=gen)[:6]
+    logits[likely] = torch.tensor([2.0, 1.7, 1.5, 1.2, 1.0, 0.6])
+    params = SamplingParams(top_k=6, top_p=0.9)
+    ref_ids, ref_probs = _reference_kept(logits, params, 20)
+    g = torch.Generator().manual_seed(2024)
+    n_draws = 4096
+    tokens = torch.tensor([smp.sample_kept(logits, params, 20, g) for _ in range(n_draws)])
+    assert set(tokens.tolist()) <= set(ref_ids.tolist())
+    counts = torch.bincount(tokens, minlength=vocab)[ref_ids].double()
+    expected = ref_probs[ref_ids].double() * n_draws
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < _chi2_critical(len(ref_ids) - 1), f"chi2 {chi2:.1f}; counts {counts.tolist()}"
+    state = SamplerState.create("cpu", num_generated=20)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert int(smp.sample(logits, params, state, generator=g1, cpu_draw="kept")) == smp.sample_kept(logits, params, 20, g2)
+    with pytest.raises(ValueError, match="cpu_draw must be one of hf, kept"):
+        smp.sample(logits, params, state, cpu_draw="fast")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU tier: full SpeechGPT vocabulary (33006) in bf16, CUDA graphs
 # ---------------------------------------------------------------------------------------------------------------
 
