@@ -503,8 +503,9 @@ def test_four_calls_at_once_play_without_underruns(model, capsys):
     assert len(calls) == 4
     for phone in phones:
         call = calls[phone.call_id]
-        (turn,) = call.session.turns
-        (playout,) = phone.playouts
+        assert len(call.session.turns) == 1 and len(phone.playouts) == 1, (
+            phone.dialect, call.session.turns, len(phone.playouts), call.reason)
+        (turn,), (playout,) = call.session.turns, phone.playouts
         assert not turn.interrupted and turn.heard_s == pytest.approx(playout.audio_s, abs=0.021)
         assert playout.underruns == 0 and turn.underruns == 0, (phone.dialect, playout.underruns, turn.underruns)
         assert phone.violations == [] and dict(call.problems) == {}

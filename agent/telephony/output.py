@@ -118,7 +118,7 @@ class _Reply:
     final_mark: str | None = None
     deadline: float | None = None  # mark watchdog
     underruns: int = 0
-    arrivals: list = field(default_factory=list)  # (time, reply audio before it, its duration) per session frame
+    arrivals: list = field(default_factory=list)  # (time, reply audio before it, 20 ms) per chunk ready to send
     done: asyncio.Future | None = None
 
     @property
@@ -166,8 +166,9 @@ class CallOutput(AudioOutput):
         self.stats = {"chunks_sent": 0, "marks_sent": 0, "marks_echoed": 0, "clears_sent": 0, "underruns": 0,
                       "mark_timeouts": 0, "late_marks": 0}
         self.truncated_at: list[str | None] = []  # per interrupted reply: the mark whose echo set the position
-        # per reply: the least prebuffer that would have played it without an underrun, given when the session
-        # handed its frames (needed_prebuffer): what `prebuffer_s` must cover on this machine at this load
+        # per reply: the least prebuffer that would have played it without an underrun, given when its chunks
+        # were ready to send (the session's frames, through the resampler: needed_prebuffer): what `prebuffer_s`
+        # must cover on this machine at this load
         self.prebuffer_needed: list[float] = []
         self._last_echoed: str | None = None
 
@@ -188,7 +189,6 @@ class CallOutput(AudioOutput):
         elif reply.flushed:
             raise RuntimeError("capture_frame() after flush(): wait_for_playout() before the next reply")
         mono = frame.to_float32_mono()
-        reply.arrivals.append((self.clock.now(), reply.handed_s, mono.num_samples / SESSION_RATE))
         reply.handed_s += mono.num_samples / SESSION_RATE
         parts = self._resampler.push(mono) if self._resampler is not None else [mono]
         self._queue_samples(reply, parts)
@@ -204,6 +204,7 @@ class CallOutput(AudioOutput):
             last = np.zeros(self._chunk, np.int16)
             last[: reply.pending.size] = reply.pending
             reply.chunks.append(last)
+            reply.arrivals.append((self.clock.now(), (reply.sent + len(reply.chunks) - 1) * CHUNK_S, CHUNK_S))
             reply.pending = np.zeros(0, np.int16)
         reply.flushed = True
         self._wake.set()
@@ -267,8 +268,10 @@ class CallOutput(AudioOutput):
                                     for p in parts]
         samples = np.concatenate(pieces) if len(pieces) > 1 else reply.pending
         n = samples.size // self._chunk
+        now = self.clock.now()
         for i in range(n):
             reply.chunks.append(samples[i * self._chunk:(i + 1) * self._chunk])
+            reply.arrivals.append((now, (reply.sent + len(reply.chunks) - 1) * CHUNK_S, CHUNK_S))
         reply.pending = samples[n * self._chunk:]
 
     def _finish(self, reply: _Reply, interrupted: bool, position: float | None = None) -> PlaybackFinished:
