@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-session": ("agent.bench_session", "session benchmark: speculative prefill and preemptive replies on vs off, side by side"),
     "bench-decode": ("kernels.bench_decode", "decode-engine benchmark vs HF eager and torch.compile"),
     "bench-units": ("streaming.bench_units", "incremental unit extractor benchmark"),
+    "bench-telephony": ("agent.telephony.bench", "phone calls against fake providers: end of speech -> first bot audio, concurrent calls without underruns"),
     "bench-vocoder": ("streaming.bench_vocoder", "streaming vocoder benchmark"),
 }
 
