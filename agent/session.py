@@ -242,7 +242,7 @@ class Response:
     item: Message
     trigger: str  # "client" (create_response) or "turn_detection" (a VAD turn)
     turn: int
-    question_id: str | None = None  # the user message answered (None: a text answer to no spoken question)
+    question_id: str | None = None  # the user message answered (None: the conversation has none)
     status: str = "in_progress"
     reason: str | None = None
     error: str | None = None
