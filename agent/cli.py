@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("agent.tiny", "write a tiny random-weight bundle in the release file formats"),
     "chat": ("agent.chat", "a live session over the loopback transport: audio files as consecutive user turns, replies, metrics"),
     "telephony": ("agent.telephony.command", "phone calls: Twilio/Telnyx/Vonage media-stream WebSockets and webhooks on one port, one session per call"),
+    "room": ("agent.livekit.room_cli", "the agent in LiveKit rooms: joins, listens to a participant, answers (lk.agent.state, lk.transcription)"),
+    "worker": ("agent.livekit.worker", "a LiveKit agent worker: registers with the server's dispatch, serves each assigned room"),
     "respond": ("agent.respond", "reference pipeline: one spoken (or text) question in, one reply WAV out"),
     "serve": ("agent.realtime.server", "an OpenAI Realtime-compatible WebSocket server (GA) for LiveKit Agents, Pipecat, the OpenAI SDK"),
     "convert": ("agent.convert", "release files -> fast-loading deployment bundle (safetensors, no pickle)"),
