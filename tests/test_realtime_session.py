@@ -273,7 +273,6 @@ def test_cancel_keeps_what_was_generated_and_one_response_at_a_time(model):
 def test_server_vad_without_create_response_only_commits(model):
     """TurnDetection(create_response=False): the VAD's turn becomes a user message (its units those of the turn's
     audio), nothing is answered until create_response()."""
-    from agent.chat import converse
     from agent.loopback import LoopbackInput
 
     clock = SessionClock(fast=True)

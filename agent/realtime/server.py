@@ -70,7 +70,7 @@ class RealtimeServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         return self.port
 
     async def stop(self) -> None:
