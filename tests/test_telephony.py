@@ -467,6 +467,7 @@ def test_a_phone_conversation(model, dialect, codec, reorder):
     assert not server.calls and server.finished[-1].reason == ended.reason
     assert session._closed and all(pool._shutdown for pool in (session._hubert, session._llm, session._vocoder))
     assert call.output._task is None and call.input._closed
+    assert call._session_task.done() and not call._session_task.cancelled()  # run() ended by itself, at once
 
 
 @pytest.mark.slow

@@ -599,3 +599,36 @@ def test_needed_prebuffer_is_the_least_that_plays_the_frames_back_to_back():
         smaller = [k * 0.02 for k in range(1, n + 1) if k * 0.02 < need - 1e-9]
         assert not any(plays(arrivals, p) for p in smaller)  # and nothing less would do
     assert needed_prebuffer([(k * 0.02, k * 0.02, 0.02) for k in range(10)]) == pytest.approx(0.02)  # real time
+
+
+def test_nothing_of_a_cleared_reply_goes_out_after_the_clear():
+    """The clear overtakes the reply: a chunk or mark the sender was about to send when the barge-in came (its send
+    in flight on a slow socket) is dropped, never sent after the clear."""
+
+    async def main():
+        clock = SessionClock(fast=True)
+        log: list[str] = []
+        gate = asyncio.Event()
+
+        async def slow_send(message):
+            kind = json.loads(message)["event"]
+            if kind == "media" and not gate.is_set():
+                await gate.wait()  # the first chunk's send hangs until the barge-in has happened
+            log.append(kind)
+
+        out = CallOutput(started_twilio(), slow_send, clock, PlayoutConfig(lead_s=0.1, prebuffer_s=0.0))
+        await feed(out, clock, 0.4, rate_factor=8.0)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        finished = out.clear_buffer()  # the sender is stuck inside its first send
+        await asyncio.sleep(0)
+        gate.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await out.aclose()
+        return log, finished
+
+    log, finished = asyncio.run(main())
+    assert log[:2] == ["media", "clear"] and log.count("clear") == 1, log
+    assert set(log[log.index("clear") + 1:]) <= set(), log  # no mark, no media of the cleared reply after it
+    assert finished.interrupted and finished.position == 0.0  # no mark had come back: nothing known heard

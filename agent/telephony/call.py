@@ -343,19 +343,26 @@ class Call:
 
     async def _teardown(self) -> CallSummary:
         self.ending = True
-        if self.input is not None:
-            self.input.close()
         for _ in range(5):  # a reply whose last mark came with the hang-up: let the session record it first
             await asyncio.sleep(0)
         turns = 0
         if self.session is not None:
             self.session.events.emit(CallEnded(self.reason, self.clock.now(), dict(self.problems)))
             try:
+                # close the session before ending its input: a run() whose input ended waits for the reply in
+                # progress to finish, and a reply halted by aclose() never does
                 await self.session.aclose()
-                if self._session_task is not None:
-                    await asyncio.wait_for(asyncio.shield(self._session_task), 5.0)
             except Exception:  # noqa: BLE001
                 log.exception("%s: closing the session failed", self.name)
+        if self.input is not None:
+            self.input.close()
+        if self.session is not None:
+            if self._session_task is not None and not self._session_task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._session_task), 5.0)
+                except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                    log.warning("%s: the session did not stop by itself; cancelled", self.name)
+                    self._session_task.cancel()
             turns = len(self.session.turns)
         if self.output is not None:
             await self.output.aclose()

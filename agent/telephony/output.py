@@ -213,7 +213,7 @@ class CallOutput(AudioOutput):
         reply = self._reply
         if reply is None:
             return None
-        if reply.sent:
+        if reply.play_start is not None:  # something was sent (or is on its way): the provider must drop it
             self.stats["clears_sent"] += 1
             asyncio.get_running_loop().create_task(self._send(self.serializer.clear()))
         self.truncated_at.append(self._last_echoed)
