@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export-vocoder": ("streaming.vocoder_onnx", "export the unit vocoder to ONNX"),
     "bench-realtime": ("agent.realtime.bench", "Realtime server: commit -> first audio delta through the OpenAI SDK client vs in-process, N connections"),
     "bench-session": ("agent.bench_session", "session benchmark: speculative prefill and preemptive replies on vs off, side by side"),
+    "bench-livekit": ("agent.livekit.bench", "rooms through a real LiveKit server: latency at the participant, CPU per room, concurrent rooms"),
     "bench-decode": ("kernels.bench_decode", "decode-engine benchmark vs HF eager and torch.compile"),
     "bench-units": ("streaming.bench_units", "incremental unit extractor benchmark"),
     "bench-telephony": ("agent.telephony.bench", "phone calls against fake providers: end of speech -> first bot audio, concurrent calls without underruns"),
