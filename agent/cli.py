@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("agent.convert", "release files -> fast-loading deployment bundle (safetensors, no pickle)"),
     "bench-convert": ("agent.bench_convert", "peak memory of convert on a synthetic 1B-shaped fp32 checkpoint"),
     "export-vocoder": ("streaming.vocoder_onnx", "export the unit vocoder to ONNX"),
+    "bench": ("agent.bench", "end-to-end latency benchmark: every interval of a turn, heard on the listening side, vs the original pipeline"),
     "bench-realtime": ("agent.realtime.bench", "Realtime server: commit -> first audio delta through the OpenAI SDK client vs in-process, N connections"),
     "bench-session": ("agent.bench_session", "session benchmark: speculative prefill and preemptive replies on vs off, side by side"),
     "bench-livekit": ("agent.livekit.bench", "rooms through a real LiveKit server: latency at the participant, CPU per room, concurrent rooms"),
