@@ -1,4 +1,4 @@
-"""The CPU decode layer through torch.compile: the same math as the eager CPU step, fewer, fused ops.
+"""The CPU decode layers through torch.compile: the same math as the eager CPU step, fewer, fused ops.
 
 On the CPU the eager decode step is bound by op overhead at small shapes (a tiny model's layer is ~60 torch ops of
 a few microseconds each), which Inductor's generated C++ removes. All layers are one compiled call (`decode_layers`);
@@ -10,9 +10,10 @@ per layer:
 
 The graph only reads the cache: the new k, v of every layer come back and the caller writes them at `pos` (one
 index_copy_ per cache). The compiled function depends only on the shapes, so it is compiled once per process and
-shared by every model of that shape and every DecodeEngine.fork(). Inductor fuses the reductions (RMSNorm's mean, the softmax), so
-the rounding differs from the eager step's in the last bits: the compiled path is opt-in (`cpu_compile`) and tested
-against the eager one (same greedy tokens, logits within a stated tolerance), never assumed bit-exact.
+shared by every model of that shape and every DecodeEngine.fork(). Inductor fuses the reductions (RMSNorm's mean,
+the softmax), so the rounding differs from the eager step's in the last bits: the compiled path is opt-in
+(`cpu_compile`) and tested against the eager one (same greedy tokens, logits within a stated tolerance), never
+assumed bit-exact.
 """
 
 from __future__ import annotations
