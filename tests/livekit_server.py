@@ -45,33 +45,49 @@ def unavailable(reason: str):
     pytest.skip(f"LiveKit test environment: {reason}")
 
 
+# Each test module imports the fixture, so pytest makes one session-scoped instance per module: they share this one
+# namespace (the SDK's threads can live in only one), the last to finish deletes it.
+_SHARED: dict = {"ns": None, "users": 0}
+
+
 @pytest.fixture(scope="session")
 def netns():
     from livekit.rtc._ffi_client import FfiClient
 
-    if FfiClient._instance is not None:  # noqa: SLF001
-        unavailable("livekit's FFI was started outside the test namespace by an earlier test; its network threads "
-                    "would talk from the host namespace (run the LiveKit tests in a pytest process of their own)")
-    try:
-        binary = ensure_server_binary(log=lambda m: print(m, file=sys.stderr, flush=True))
-    except DevServerError as exc:
-        unavailable(str(exc))
-    ns = NetNamespace()
-    try:
-        ns.create()
-    except DevServerError as exc:
-        unavailable(str(exc))
-    try:
-        ns.enter()
+    if _SHARED["ns"] is None:
+        if FfiClient._instance is not None:  # noqa: SLF001
+            unavailable("livekit's FFI was started outside the test namespace by an earlier test; its network "
+                        "threads would talk from the host namespace (run the LiveKit tests in a pytest process of "
+                        "their own)")
         try:
-            FfiClient.instance  # noqa: B018 - the SDK's runtime threads start here, inside the namespace
-        finally:
-            ns.exit()
+            binary = ensure_server_binary(log=lambda m: print(m, file=sys.stderr, flush=True))
+        except DevServerError as exc:
+            unavailable(str(exc))
+        ns = NetNamespace()
+        try:
+            ns.create()
+        except DevServerError as exc:
+            unavailable(str(exc))
+        try:
+            ns.enter()
+            try:
+                FfiClient.instance  # noqa: B018 - the SDK's runtime threads start here, inside the namespace
+            finally:
+                ns.exit()
+        except BaseException:
+            ns.delete()
+            raise
         ns.binary = binary
-        yield ns
+        _SHARED["ns"] = ns
+    _SHARED["users"] += 1
+    try:
+        yield _SHARED["ns"]
     finally:
-        ns.exit()
-        ns.delete()
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            _SHARED["ns"].exit()
+            _SHARED["ns"].delete()
+            _SHARED["ns"] = None
 
 
 @pytest.fixture(scope="module")

@@ -127,8 +127,8 @@ def test_agent_answers_with_states_and_captions(server, agent):
     # the participant heard about as much loud audio as the agent says it played (10 ms frames)
     assert len(loud) * 0.01 == pytest.approx(turn["reply_s"], abs=0.3)
     transport = turns[0]["transport"]
-    assert transport["queue_ms"] == 100 and transport["underruns"] == 0
-    assert transport["captured_s"] >= turn["reply_s"]
+    assert transport["queue_ms"] == 100 and transport["underruns"] == turn["underruns"]  # a loaded machine may have some
+    assert transport["captured_s"] >= turn["reply_s"] - 0.011 and transport["position_s"] == pytest.approx(turn["heard_s"])
 
 
 def test_barge_in_stops_the_agent_and_the_next_turn_is_answered(server, agent):
@@ -354,11 +354,12 @@ def blackhole(inside_netns):
     sock.close()
 
 
-@pytest.mark.parametrize("command", ["room", "worker"])
-@pytest.mark.parametrize("case", ["wrong secret", "bad token", "refused", "no answer"])
+FAILURES = [("room", "wrong secret"), ("room", "bad token"), ("room", "refused"), ("room", "no answer"),
+            ("worker", "wrong secret"), ("worker", "refused"), ("worker", "no answer")]  # a worker mints its token
+
+
+@pytest.mark.parametrize("command,case", FAILURES)
 def test_failures_are_one_line_and_bounded(server, inside_netns, blackhole, tiny_bundle, command, case):
-    if command == "worker" and case == "bad token":
-        pytest.skip("the worker mints its own token from the key and secret")
     args = [command] + (["--room", "x"] if command == "room" else []) + ["--model-dir", str(tiny_bundle),
                                                                          "--connect-timeout", "4"]
     env = server_env(server)
