@@ -40,6 +40,7 @@ FOLLOW_UP = load_audio("streaming/assets/follow_up.wav").samples
 ROOMS = ["talk", "barge", "churn", "mute", "twin-a", "twin-b"]
 BARGE_IN_BOUND_S = 0.25
 READY_S = 120  # model load on a loaded 2-core machine
+PROMETHEUS_PORT = 9464  # on the namespace's loopback
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def server(inside_netns, tmp_path_factory):
 def agent(server, inside_netns, tiny_bundle, tmp_path_factory):
     work = tmp_path_factory.mktemp("lk-room-agent")
     args = ["room", *sum((["--room", r] for r in ROOMS), []), "--model-dir", str(tiny_bundle), "--torch-threads", "1",
-            "--metrics", str(work / "metrics.jsonl"), "--reconnect-timeout", "60"]
+            "--metrics", str(work / "metrics.jsonl"), "--reconnect-timeout", "60", "--prometheus-port", str(PROMETHEUS_PORT)]
     proc = AgentProcess(inside_netns, args, server_env(server), work, "room-agent")
     proc.metrics = work / "metrics.jsonl"
     try:
@@ -126,6 +127,14 @@ def test_agent_answers_with_states_and_captions(server, agent):
     assert not turn["interrupted"] and turn["heard_s"] == pytest.approx(turn["reply_s"])
     # the participant heard about as much loud audio as the agent says it played (10 ms frames)
     assert len(loud) * 0.01 == pytest.approx(turn["reply_s"], abs=0.3)
+    # the same turn on the Prometheus endpoint, labelled by room
+    import urllib.request
+
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever the env says
+    with no_proxy.open(f"http://127.0.0.1:{PROMETHEUS_PORT}/metrics", timeout=5) as response:
+        exposition = response.read().decode()
+    assert 'speechgpt_room_turns_total{outcome="completed",room="talk"} 1.0' in exposition
+    assert 'speechgpt_room_turn_interval_seconds_count{interval="end_to_end",room="talk"} 1.0' in exposition
     transport = turns[0]["transport"]
     assert transport["queue_ms"] == 100 and transport["underruns"] == turn["underruns"]  # a loaded machine may have some
     assert transport["captured_s"] >= turn["reply_s"] - 0.011 and transport["position_s"] == pytest.approx(turn["heard_s"])

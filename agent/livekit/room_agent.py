@@ -87,6 +87,7 @@ class RoomAgent:
         self._model_ready = model_ready
         self.model = None
         self.on_turn = on_turn
+        self.on_sessions = None  # optional callback(room, number of sessions running): the Prometheus gauge
         self.room = None
         self.output: RoomAudioOutput | None = None
         self.publisher: RoomPublisher | None = None
@@ -153,8 +154,9 @@ class RoomAgent:
         room = self.room
         if room is None or self.output is None:
             return ""
+        # after a full reconnect the SDK republishes the track under a new sid: ask the publication each time
         for pub in room.local_participant.track_publications.values():
-            if pub.track is not None and pub.track.sid == self.output.track.sid or pub.name == self.output.track.name:
+            if pub.name == self.output.track.name:
                 return pub.sid
         return self.output.track.sid
 
@@ -255,6 +257,8 @@ class RoomAgent:
         self.session = session
         self.publisher.set_attributes({ATTR_SERVED: participant.identity})
         self.session_task = asyncio.get_running_loop().create_task(session.run())
+        if self.on_sessions is not None:
+            self.on_sessions(self.config.room, 1)
         log.info("%s: serving %s (session %d)", self.name, participant.identity, index)
 
     def _on_session_event(self, index: int, identity: str, event) -> None:
@@ -273,6 +277,8 @@ class RoomAgent:
         self.served = None
         if session is None:
             return
+        if self.on_sessions is not None:
+            self.on_sessions(self.config.room, 0)
         if self.output is not None:
             self.output.clear_buffer()  # stop talking now
         if inp is not None:

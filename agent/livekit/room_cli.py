@@ -190,6 +190,10 @@ class MetricsSinks:
               f"answered{cut} {metrics.text_answer!r}" + (f"; end to end {e2e * 1e3:.0f} ms" if e2e is not None else "")
               + (f"; errors {metrics.errors}" if metrics.errors else ""), flush=True)
 
+    def on_sessions(self, room: str, n: int) -> None:
+        if self.prometheus is not None:
+            self.prometheus.set_sessions(room, n)
+
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
@@ -249,6 +253,7 @@ async def _serve(args) -> int:
                               connect_timeout_s=args.connect_timeout, reconnect_timeout_s=args.reconnect_timeout,
                               seed=args.seed)
         agents.append(RoomAgent(loader.wait, cfg, on_turn=sinks.on_turn))
+        agents[-1].on_sessions = sinks.on_sessions
     code = 0
     try:
         results = await asyncio.gather(*(a.connect() for a in agents), return_exceptions=True)

@@ -176,9 +176,6 @@ class Worker:
         status = pa.WS_FULL if self.full() else pa.WS_AVAILABLE
         await self._send(pa.WorkerMessage(update_worker=pa.UpdateWorkerStatus(
             status=status, load=self.load(), job_count=self.running, draining=self.draining, seq=self._status_seq)))
-        if self.sinks.prometheus is not None:
-            for job in self.jobs.values():
-                self.sinks.prometheus.set_sessions(job.room, 1)
 
     async def update_job(self, job_id: str, status, error: str = "") -> None:
         from livekit.protocol import agent as pa
@@ -231,7 +228,12 @@ class Worker:
     async def on_assignment(self, assignment) -> None:
         job_msg = assignment.job
         job = self.jobs.get(job_msg.id)
-        if job is None:  # assigned after we released the slot, or while draining
+        if job is None and self.draining:
+            from livekit.protocol import agent as pa
+
+            await self.update_job(job_msg.id, pa.JS_FAILED, "the worker is draining")
+            return
+        if job is None:  # assigned after the reservation expired: take it if there is room
             job = self.jobs[job_msg.id] = Job(job_msg.id, job_msg.room.name)
         job.task = asyncio.get_running_loop().create_task(self.run_job(job, assignment.url or self.url,
                                                                        assignment.token))
@@ -251,6 +253,7 @@ class Worker:
             return await self.loader.wait()
 
         agent = job.agent = RoomAgent(model, cfg, on_turn=self.sinks.on_turn, name=f"job {job.id} ({job.room})")
+        agent.on_sessions = getattr(self.sinks, "on_sessions", None)
         status, error = pa.JS_SUCCESS, ""
         try:
             await agent.connect()
@@ -269,8 +272,6 @@ class Worker:
             await self.update_job(job.id, status, error)
             print(f"[worker] job {job.id}: done ({pa.JobStatus.Name(status)}{': ' + error if error else ''})",
                   flush=True)
-            if self.sinks.prometheus is not None:
-                self.sinks.prometheus.set_sessions(job.room, 0)
             await self.send_status()
 
     # ---- main loop --------------------------------------------------------------------------------------------
