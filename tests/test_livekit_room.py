@@ -15,7 +15,6 @@ import socket
 import subprocess
 import time
 
-import numpy as np
 import pytest
 from livekit_server import (
     REPO,
