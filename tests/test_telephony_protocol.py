@@ -632,3 +632,35 @@ def test_nothing_of_a_cleared_reply_goes_out_after_the_clear():
     assert log[:2] == ["media", "clear"] and log.count("clear") == 1, log
     assert set(log[log.index("clear") + 1:]) <= set(), log  # no mark, no media of the cleared reply after it
     assert finished.interrupted and finished.position == 0.0  # no mark had come back: nothing known heard
+
+
+def test_inbound_frames_keep_the_callers_timeline_through_a_stall():
+    """A late burst (our loop stalled 0.4 s) stays contiguous; a gap of over a second moves the timeline on."""
+    from agent.telephony.output import CallInput
+
+    class Clock:
+        t = 10.0
+
+        def now(self):
+            return self.t
+
+    clock = Clock()
+    mic = CallInput(clock)
+    frame = AudioFrame(np.zeros(160, np.int16), 8000)
+    stamps = []
+    for k in range(5):
+        clock.t = 10.0 + 0.02 * (k + 1)
+        mic.push(frame)
+    clock.t += 0.4  # stall: the next 20 frames arrive at once
+    for _ in range(20):
+        mic.push(frame)
+    clock.t += 2.0  # the provider went quiet for 2 s
+    mic.push(frame)
+
+    async def drain():
+        mic.close()
+        return [f.timestamp async for f in mic]
+
+    stamps = asyncio.run(drain())
+    assert stamps[:25] == pytest.approx([10.0 + 0.02 * k for k in range(25)])  # no gap from the stall
+    assert stamps[25] == pytest.approx(clock.t - 0.02) and mic.resyncs == 1

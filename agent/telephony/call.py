@@ -302,7 +302,7 @@ class Call:
     async def _start(self, started: Started) -> None:
         self.started = started
         self.clock = SessionClock()
-        self.input = CallInput(self.limits.max_queued_frames)
+        self.input = CallInput(self.clock, self.limits.max_queued_frames)
         self.output = CallOutput(self.serializer, self._send, self.clock, self.server.config.playout, self.name)
         config, notes = self.server.session_config(started.parameters)
         for note in notes:

@@ -18,7 +18,7 @@
   records the prebuffer it would have needed (`prebuffer_needed`): measured headroom, not a guess.
 
 `CallInput` is the inbound side: the call handler pushes decoded frames at the call's rate (the session's VAD
-resamples to 16 kHz); the session stamps them on arrival.
+resamples to 16 kHz), stamped by their position in the caller's audio (see the class).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -62,21 +62,39 @@ class PlayoutConfig:
 
 
 class CallInput(AudioInput):
-    """Frames pushed by the call handler, bounded (a session that falls behind loses the oldest audio, counted)."""
+    """Frames pushed by the call handler, bounded (a session that falls behind loses the oldest audio, counted).
 
-    timestamps_on_session_clock = False
+    Frames are stamped here, on the session clock, by their position in the caller's audio: contiguous from the
+    first frame's arrival, so a stall of our event loop (frames then arrive late, in a burst) does not put a gap
+    into the caller's timeline (the VAD would hear a gap as silence and end the turn mid-sentence). Only when
+    arrivals run more than `resync_s` behind the audio's own time (a real gap: the provider paused or lost
+    frames) does the timeline jump forward to the arrival time. It never jumps back (the VAD refuses time going
+    backwards); the per-call rate limit bounds how far a provider sending too fast can run ahead."""
 
-    def __init__(self, max_frames: int = 250):
+    timestamps_on_session_clock = True
+
+    def __init__(self, clock: SessionClock, max_frames: int = 250, resync_s: float = 1.0):
+        self.clock = clock
+        self.resync_s = resync_s
         self._queue: deque[AudioFrame] = deque()
         self._max = max_frames
         self._ready = asyncio.Event()
         self._closed = False
+        self._next: float | None = None  # session time of the next sample of the caller's audio
         self.dropped = 0
+        self.resyncs = 0
 
     def push(self, frame: AudioFrame) -> bool:
         """Queue a frame; False (and the oldest frame dropped) when the session is `max_frames` behind."""
         if self._closed:
             return False
+        duration = frame.num_samples / frame.sample_rate
+        arrived = self.clock.now() - duration  # when its first sample was spoken, had it come at once
+        if self._next is None or arrived - self._next > self.resync_s:
+            self.resyncs += self._next is not None
+            self._next = arrived
+        frame = replace(frame, timestamp=self._next)
+        self._next += duration
         overflow = len(self._queue) >= self._max
         if overflow:
             self._queue.popleft()
