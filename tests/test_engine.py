@@ -395,20 +395,24 @@ def test_tune_step_rejects_a_variant_whose_logits_differ_from_its_twin(tiny_llm,
 
 
 def test_tune_step_keeps_the_faster_variant(tiny_llm, monkeypatch):
-    """With the two-launch attention made 20 ms slower per step, the race picks the one-launch variant."""
-    import time as _time
+    """With the two-launch attention made 10 ms slower per layer, the race picks the one-launch variant. The race
+    reads a virtual clock that only the slowdown advances, so machine load cannot change what it measures."""
+    import types
 
+    import kernels.engine as ke
     import kernels.model as km
     from kernels.engine import STEP_VARIANTS
 
     real = km.decode_attention
+    now = [0.0]
 
     def slow_two_launch(*args, one_launch=False, **kw):
         if not one_launch:
-            _time.sleep(0.01)
+            now[0] += 0.01
         return real(*args, one_launch=one_launch, **kw)
 
     monkeypatch.setattr(km, "decode_attention", slow_two_launch)
+    monkeypatch.setattr(ke, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     eng = _tuned_engine(tiny_llm, speech_prompt(tiny_llm[0], 8, n=20))
     report = eng.tune_step(SPEECHGPT_SAMPLING, candidates=[STEP_VARIANTS["fused"], STEP_VARIANTS["fused+1attn"]], steps=2, rounds=3)
     assert report["chosen"] == "fused+1attn" and eng.step_variant == STEP_VARIANTS["fused+1attn"]
