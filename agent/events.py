@@ -7,6 +7,7 @@ Times are on the session's clock (agent/clock.py). `turn` numbers the user turns
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import enum
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -138,13 +139,17 @@ SessionEvent = Union[StateChanged, UserSpeechStarted, UserSpeechEnded, UserTrans
                      ResponseDone]
 
 
+HISTORY_EVENTS = 20000
+
+
 class EventBus:
     """Callbacks (called on the event loop, in order) and async subscriptions to a session's events."""
 
     def __init__(self) -> None:
         self._callbacks: list[Callable[[SessionEvent], None]] = []
         self._queues: list[asyncio.Queue] = []
-        self.history: list[SessionEvent] = []
+        # the latest events (tests, chat, debugging), bounded so that a day-long call does not grow without limit
+        self.history: deque[SessionEvent] = deque(maxlen=HISTORY_EVENTS)
         self.keep_history = True
 
     def on(self, callback: Callable[[SessionEvent], None]) -> None:

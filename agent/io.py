@@ -62,6 +62,11 @@ class AudioOutput(abc.ABC):
     def on_playback(self, listener: PlaybackListener) -> None:
         self._listeners.append(listener)
 
+    def remove_playback_listener(self, listener: PlaybackListener) -> None:
+        """Stop telling `listener` (an output that outlives the session listening to it)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def _emit(self, event: PlaybackStarted | PlaybackFinished) -> None:
         for listener in list(self._listeners):
             listener(event)

@@ -397,12 +397,19 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        if self._reply is not None:
-            self._reply.halt()
-            self._reply = None
+        reply, self._reply = self._reply, None
+        if reply is not None:
+            reply.halt()
+            if reply.done is not None and not reply.done.done():
+                reply.done.set_result(None)  # a run() waiting for this reply ends too
         for pool in (self._hubert, self._llm, self._vocoder):
             await asyncio.to_thread(pool.shutdown, True)
         self.events.close()
+
+    @property
+    def idle(self) -> bool:
+        """No user turn being listened to and no reply in progress (a transport may drain or hand over now)."""
+        return self._listening is None and self._reply is None
 
     # ---- manual turns, items and responses (the Realtime-style API) -----------------------------------------
     # Policies:
