@@ -148,7 +148,7 @@ class LlamaArch:
         return sum(math.prod(s) for s in self.expected_shapes().values())
 
 
-# The released SpeechGPT-7B-cm config (reference notes A.4).
+# The released SpeechGPT-7B-cm config (docs/speechgpt-format.md, LLM checkpoint).
 SPEECHGPT_7B = LlamaArch(
     hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, vocab_size=33006
 )

@@ -93,7 +93,7 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.min_new_tokens must be >= 0, got {self.min_new_tokens}")
 
 
-# SpeechGPT's GenerationConfig in cli_infer.py (reference notes A.6).
+# SpeechGPT's GenerationConfig in cli_infer.py (docs/speechgpt-format.md, Sampling settings).
 SPEECHGPT_SAMPLING = SamplingParams(temperature=0.7, top_k=50, top_p=0.8, min_new_tokens=10, eos_id=2)
 
 

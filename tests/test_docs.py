@@ -20,10 +20,7 @@ RETIRED = ("speechgpt" + ".md", "reference" + " notes")
 # kernels/ is edited by another engineer: these two lines still carry the old citation and are tolerated, exactly as
 # written, until that owner replaces them (by "docs/speechgpt-format.md, Sampling settings" and "..., LLM
 # checkpoint"). Any other occurrence fails.
-TOLERATED = {
-    ("kernels/sampling.py", "# SpeechGPT's GenerationConfig in cli_infer.py (" + RETIRED[1] + " A.6)."),
-    ("kernels/checkpoint.py", "# The released SpeechGPT-7B-cm config (" + RETIRED[1] + " A.4)."),
-}
+TOLERATED: set[tuple[str, str]] = set()  # lines allowed to keep a retired citation (none left)
 
 DOC_PATH = re.compile(r"(?<![\w./:-])(docs/[\w./-]*\w)")
 # path, then ", " (possibly across a line break and a comment's "#"), then an optional quote and the section
