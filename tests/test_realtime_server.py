@@ -108,8 +108,18 @@ async def close(client: Client) -> None:
     await client.ws._http.close()
 
 
+async def until_idle(server, limit_s: float = 60.0) -> None:
+    """Wait (bounded) until the earlier tests' connections have closed on the server: the module's server admits
+    two sessions, and a test's first connection must not find them both still closing."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit_s
+    while server.call(lambda: server.server.active) > 0 and loop.time() < end:
+        await asyncio.sleep(0.05)
+
+
 def run(server, script, **kwargs):
     async def main():
+        await until_idle(server)
         client = await connect(server, **kwargs)
         try:
             created = await client.until("session.created")
@@ -385,9 +395,7 @@ def test_browser_subprotocols_select_realtime(server):
 
 def test_max_sessions_beyond_are_refused(server):
     async def main():
-        # the earlier tests' connections may still be closing on the server: start from none
-        while server.call(lambda: server.server.active) > 0:
-            await asyncio.sleep(0.05)
+        await until_idle(server)
         a, b = await connect(server), await connect(server)
         try:
             await a.until("session.created")
