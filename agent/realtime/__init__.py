@@ -7,6 +7,8 @@
     server.py      the aiohttp application, authentication, admission, and the `serve` command
     clients.py     the separate virtual environment of real client libraries (tests, bench-realtime)
     bench.py       `speechgpt-rt bench-realtime`: commit -> first audio delta through the server
+    remote.py      `RemoteModel`: room, worker and telephony with `--server`, the model behind a running `serve`
+    remote_session.py  its sessions: a Realtime client (server_vad) with the in-process Session's surface
     drivers/       client programs run inside that environment (they import openai, livekit-agents, pipecat)
 
 What each client needs and the choices made here: docs/realtime.md.
