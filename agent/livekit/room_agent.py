@@ -298,7 +298,7 @@ class RoomAgent:
         deadline = time.monotonic() + timeout_s
         while self.session is not None and time.monotonic() < deadline:
             s = self.session
-            if s.state == AgentState.LISTENING and getattr(s, "_reply", None) is None and s._listening is None:
+            if s.state == AgentState.LISTENING and s.idle:  # in-process or remote (agent/realtime/remote.py)
                 return
             await asyncio.sleep(0.05)
 

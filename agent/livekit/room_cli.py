@@ -1,15 +1,16 @@
 """`speechgpt-rt room`: join one or more LiveKit rooms and serve them with one loaded model.
 
     speechgpt-rt room --url ws://HOST:7880 --room NAME [--room NAME2 ...] [--identity ID] [--token T]
-                      [--participant ID] [--model-dir DIR] [--max-sessions N] [--metrics OUT.jsonl]
-                      [--prometheus-port P]
+                      [--participant ID] [--model-dir DIR | --server ws://HOST:PORT] [--max-sessions N]
+                      [--metrics OUT.jsonl] [--prometheus-port P]
 
 The URL and credentials come from the flags or from LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET (a
 `--token` replaces the key and secret, for one room). The process joins first and loads the model while it sits
 in the room as `initializing`, so a join that cannot succeed fails in seconds, before any model loads, with one
-line on stderr and exit code 1 (2 for bad arguments). SIGINT/SIGTERM: the sessions close, the agent leaves every
-room, the metrics are flushed, exit 0. A room lost for good (the server gone longer than --reconnect-timeout):
-exit 1 with the reason.
+line on stderr and exit code 1 (2 for bad arguments). With `--server` the model is a running `speechgpt-rt serve`
+(agent/realtime/remote.py), checked before anything else: a model server that cannot be used fails the same way.
+SIGINT/SIGTERM: the sessions close, the agent leaves every room, the metrics are flushed, exit 0. A room lost for
+good (the server gone longer than --reconnect-timeout): exit 1 with the reason.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ DEFAULT_IDENTITY = "speechgpt-agent"
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `room` and `worker`."""
     from agent.chat import DEFAULT_MODEL_DIR
+    from agent.realtime.remote import add_arguments as add_server_arguments
 
     parser.add_argument("--url", default=None, help="server URL, ws://HOST:PORT (default: $LIVEKIT_URL)")
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
+    parser.add_argument("--model-dir", type=Path, default=None,
                         help=f"release layout or converted bundle (default: the tiny bundle at {DEFAULT_MODEL_DIR}, made if missing)")
+    add_server_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--max-sessions", type=int, default=None, help="the most sessions this process runs at once")
     parser.add_argument("--queue-ms", type=int, default=100, help="AudioSource queue of the agent's voice (ms)")
@@ -89,7 +92,11 @@ def setup_logging(level: str) -> None:
 def check_common(args) -> str | None:
     from agent.bundle import BundleError, resolve_bundle
     from agent.chat import DEFAULT_MODEL_DIR
+    from agent.realtime.remote import check_arguments
 
+    problem = check_arguments(args, DEFAULT_MODEL_DIR)
+    if problem:
+        return problem
     args.url = args.url or os.environ.get("LIVEKIT_URL")
     if not args.url:
         return "no server URL: pass --url or set LIVEKIT_URL"
@@ -101,11 +108,25 @@ def check_common(args) -> str | None:
         return f"--queue-ms must be >= 10, got {args.queue_ms}"
     if args.connect_timeout <= 0 or args.reconnect_timeout < 0:
         return "--connect-timeout must be > 0 and --reconnect-timeout >= 0"
-    if args.model_dir != DEFAULT_MODEL_DIR or (args.model_dir / "tiny_bundle.json").is_file():
+    if args.server is None and (args.model_dir != DEFAULT_MODEL_DIR or (args.model_dir / "tiny_bundle.json").is_file()):
         try:
             resolve_bundle(args.model_dir)
         except (BundleError, OSError) as exc:
             return str(exc)
+    return None
+
+
+def connect_server(args) -> str | None:
+    """With --server: probe the model server before anything else (args.remote_model, or a line saying why not)."""
+    from agent.realtime.remote import RemoteError, connect_model
+
+    args.remote_model = None
+    if args.server is None:
+        return None
+    try:
+        args.remote_model = connect_model(args)
+    except RemoteError as exc:
+        return str(exc)
     return None
 
 
@@ -135,6 +156,11 @@ class ModelLoader:
         return self.future
 
     def _load(self):
+        remote = getattr(self.args, "remote_model", None)
+        if remote is not None:  # --server: nothing loads here
+            print(f"[{self.prefix}] model server {remote.url} (session.created in {remote.report.load_s * 1e3:.0f} ms)",
+                  flush=True)
+            return remote
         import torch
 
         from agent.chat import DEFAULT_MODEL_DIR
@@ -230,6 +256,9 @@ def run(args) -> int:
             problem = f"{len(args.room)} rooms but --max-sessions {args.max_sessions} (one session per room)"
     if problem:
         return fail("room", problem, 2)
+    problem = connect_server(args)
+    if problem:
+        return fail("room", problem)
     return asyncio.run(_serve(args))
 
 

@@ -1,6 +1,7 @@
 """`speechgpt-rt worker`: take rooms from LiveKit's own agent dispatch (docs/livekit.md, Agent dispatch).
 
-    speechgpt-rt worker [--url URL] [--agent-name NAME] [--max-sessions N] [--model-dir DIR] [--metrics OUT.jsonl]
+    speechgpt-rt worker [--url URL] [--agent-name NAME] [--max-sessions N] [--model-dir DIR | --server ws://HOST:PORT]
+                        [--metrics OUT.jsonl]
 
 The worker opens a WebSocket to the server's agent endpoint (`/agent`, a token with the `agent` grant) and speaks
 the `livekit.agent` protobuf messages from `livekit-protocol`:
@@ -387,7 +388,7 @@ class Worker:
 
 
 def run(args) -> int:
-    from agent.livekit.room_cli import check_common, fail, setup_logging
+    from agent.livekit.room_cli import check_common, connect_server, fail, setup_logging
 
     setup_logging(args.log_level)
     problem = check_common(args)
@@ -402,6 +403,9 @@ def run(args) -> int:
             problem = "--idle-timeout must be > 0 and --drain-timeout >= 0"
     if problem:
         return fail("worker", problem, 2)
+    problem = connect_server(args)
+    if problem:
+        return fail("worker", problem)
     return asyncio.run(_main(args))
 
 

@@ -1,7 +1,9 @@
 """`speechgpt-rt telephony`: the phone-call server (HTTP + WebSocket on one port; see agent/telephony/server.py).
 
 Everything a user can get wrong (the model directory, the port, the public URL, the token variable, the prompts
-file) is checked before the model loads and reported in one line with a non-zero exit. The listening socket is
+file) is checked before the model loads and reported in one line with a non-zero exit. With `--server` no model
+loads here: the calls' sessions run on a `speechgpt-rt serve` (agent/realtime/remote.py), probed before anything
+else. The listening socket is
 bound first and handed to the server once the model is loaded, so "port in use" never waits for a model load.
 """
 
@@ -25,8 +27,11 @@ PROVIDERS = ("twilio", "telnyx", "vonage")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8765, help="port (0: any free port, printed at start)")
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
+    from agent.realtime.remote import add_arguments as add_server_arguments
+
+    parser.add_argument("--model-dir", type=Path, default=None,
                         help=f"release layout or converted bundle (default: the tiny bundle at {DEFAULT_MODEL_DIR}, made if missing)")
+    add_server_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--public-url", default=None,
                         help="the URL providers reach this server at, e.g. https://bot.example.com (used in the TwiML "
@@ -55,10 +60,14 @@ def _fail(message: str) -> int:
 def _check_args(args) -> tuple[dict, str | None]:
     """Everything checkable before the model loads: (what run() needs, or an error line)."""
     from agent.bundle import BundleError, resolve_bundle
+    from agent.realtime.remote import check_arguments
     from agent.telephony.server import check_public_url
 
     out: dict = {}
-    if args.model_dir != DEFAULT_MODEL_DIR or (args.model_dir / "tiny_bundle.json").is_file():
+    problem = check_arguments(args, DEFAULT_MODEL_DIR)
+    if problem:
+        return out, problem
+    if args.server is None and (args.model_dir != DEFAULT_MODEL_DIR or (args.model_dir / "tiny_bundle.json").is_file()):
         try:
             resolve_bundle(args.model_dir)
         except (BundleError, OSError) as exc:
@@ -119,9 +128,21 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run(args) -> int:
+    from agent.realtime.remote import RemoteError, connect_model
+
     checked, problem = _check_args(args)
     if problem:
+        if "socket" in checked:
+            checked["socket"].close()
         return _fail(problem)
+    checked["model"] = None
+    if args.server is not None:  # before anything else: a model server that cannot be used fails in seconds
+        try:
+            checked["model"] = connect_model(args)
+        except RemoteError as exc:
+            checked["socket"].close()
+            print(f"speechgpt-rt telephony: {exc}", file=sys.stderr)
+            return 1
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -132,13 +153,10 @@ def run(args) -> int:
         checked["socket"].close()
 
 
-async def _serve(args, checked: dict) -> int:
+def _load_model(args):
     import torch
 
     from agent.model import SpeechGPTModel
-    from agent.session import SessionConfig
-    from agent.telephony.output import PlayoutConfig
-    from agent.telephony.server import ServerConfig, TelephonyServer
     from agent.tiny import make_tiny_bundle
 
     if str(args.device) == "cpu":
@@ -146,7 +164,15 @@ async def _serve(args, checked: dict) -> int:
     if not args.model_dir.exists() and args.model_dir == DEFAULT_MODEL_DIR:
         print(f"[telephony] writing the tiny bundle to {args.model_dir} (once; a few seconds of format training)")
         make_tiny_bundle(args.model_dir, seed=0)
-    model = SpeechGPTModel.load(args.model_dir, device=args.device)
+    return SpeechGPTModel.load(args.model_dir, device=args.device)
+
+
+async def _serve(args, checked: dict) -> int:
+    from agent.session import SessionConfig
+    from agent.telephony.output import PlayoutConfig
+    from agent.telephony.server import ServerConfig, TelephonyServer
+
+    model = checked["model"] or _load_model(args)
     config = ServerConfig(public_url=checked.get("public_url"), auth_token=checked["auth_token"],
                           providers=checked["providers"], max_calls=args.max_calls, prompts=checked["prompts"],
                           session=SessionConfig(seed=args.seed),
@@ -154,7 +180,11 @@ async def _serve(args, checked: dict) -> int:
     server = TelephonyServer(model, config)
     base = await server.start(sock=checked["socket"])
     ws = base.replace("http://", "ws://")
-    print(f"[telephony] model loaded in {model.report.load_s:.1f} s; listening on {base}", flush=True)
+    if checked["model"] is not None:
+        print(f"[telephony] model server {model.url} (session.created in {model.report.load_s * 1e3:.0f} ms); "
+              f"listening on {base}", flush=True)
+    else:
+        print(f"[telephony] model loaded in {model.report.load_s:.1f} s; listening on {base}", flush=True)
     print(f"[telephony] media streams: {', '.join(f'{ws}/{p}' for p in config.providers)} (or {ws}/ detected)")
     if "twilio" in config.providers:
         public = checked.get("public_url") or "https://YOUR-PUBLIC-HOST"
@@ -165,7 +195,7 @@ async def _serve(args, checked: dict) -> int:
         print(f"[telephony] X-Twilio-Signature required (token from ${checked['token_env']})")
     else:
         print(f"[telephony] no Twilio auth token (${checked['token_env']} unset): requests are NOT authenticated")
-    if model.paths.is_tiny:
+    if model.paths is not None and model.paths.is_tiny:
         print("[telephony] the tiny random-weight bundle: canned answers and noise audio (see README)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
