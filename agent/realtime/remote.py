@@ -7,7 +7,7 @@ WebSocket per conversation, in server_vad mode, as LiveKit Agents' OpenAI plugin
 
 `probe()` checks, before a command does anything else, that the URL answers at its Realtime path with
 `session.created` (and that the key is accepted), so a `--server` pointing at a dead port or at something that is not
-our server fails in seconds with one line (docs/realtime.md, Remote model).
+our server fails in seconds with one line (README.md, Realtime server: Remote model).
 """
 
 from __future__ import annotations
