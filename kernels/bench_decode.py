@@ -608,6 +608,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-cpu-compile", dest="cpu_compile", action="store_false",
                         help="on the CPU, measure only the eager engine (default: `engine` = compiled CPU decode layers, "
                              "`engine_eager` side by side)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, metavar="B",
+                        help="instead: batched decode of B sessions per step vs the batch-1 engine stepping them in turn "
+                             "(kernels.bench_batch), e.g. --batch 1 2 4 8 16 32 64")
     parser.add_argument("--json", type=Path, required=True, help="write results here")
 
 
@@ -616,6 +619,16 @@ def run(args) -> int:
         print("bench-decode: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.batch:
+        from kernels.bench_batch import batch_benchmark, markdown_table
+
+        if any(b < 1 for b in args.batch):
+            print(f"bench-decode: --batch sizes must be >= 1, got {args.batch}", file=sys.stderr)
+            return 2
+        res = batch_benchmark(args.config, args.device, DTYPES[dtype], sorted(set(args.batch)), args.context,
+                              steps=min(args.steps, 32), json_path=args.json)
+        print(markdown_table(res))
+        return 0
     variants = args.step_variants.split(",") if args.step_variants else None
     res = benchmark(args.config, args.device, dtype, args.context, args.steps, args.methods.split(","), args.gemv, args.json,
                     variants=variants, cpu_compile=args.cpu_compile)

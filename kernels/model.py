@@ -152,6 +152,13 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq = max_seq
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache over existing storage (views of one slot of kernels.slot_cache.SlotKVCache), nothing allocated."""
+        cache = object.__new__(cls)
+        cache.k, cache.v, cache.max_seq = k, v, k.shape[2]
+        return cache
+
     def nbytes_per_token(self) -> int:
         return 2 * self.k[:, :, 0].numel() * self.k.element_size()
 
@@ -159,14 +166,16 @@ class KVCache:
 class LlamaModel:
     """Forward passes over `LlamaWeights` with a static KV cache and static decode buffers."""
 
-    def __init__(self, weights: LlamaWeights, max_seq: int | None = None, *, unit_rows_start: int | None):
+    def __init__(self, weights: LlamaWeights, max_seq: int | None = None, *, unit_rows_start: int | None,
+                 cache: KVCache | None = None):
+        """cache: storage to use (a slot of a shared pool) instead of a new cache of max_seq positions."""
         arch = weights.arch
         self.w = weights
         self.arch = arch
         self.device = weights.device
         self.dtype = weights.dtype
-        self.max_seq = max_seq or arch.max_position_embeddings
-        self.cache = KVCache(arch, self.max_seq, self.dtype, self.device)
+        self.max_seq = cache.max_seq if cache is not None else max_seq or arch.max_position_embeddings
+        self.cache = cache if cache is not None else KVCache(arch, self.max_seq, self.dtype, self.device)
         self.cos, self.sin = rope_tables(arch.head_dim, self.max_seq, arch.rope_theta, device=self.device)
         # Rows legal inside a unit span (units + specials); None disables the speech head.
         self.unit_rows_start = unit_rows_start

@@ -59,6 +59,8 @@ __all__ = [
     "kept_distribution",
     "sample",
     "sample_host",
+    "kept_from_top",
+    "race_pick",
     "sample_kept",
     "sample_reference",
     "sample_triton",
@@ -254,7 +256,14 @@ def kept_distribution(
         scores = scores.clone()
         scores[eos] = float("-inf")
     values, ids = torch.topk(scores, k + 1)  # one more, to see a tie at the k-th value (HF would keep it)
-    top = values.tolist()
+    return kept_from_top(values.tolist(), ids, params)
+
+
+def kept_from_top(top: list[float], ids: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, list[float]] | None:
+    """kept_distribution's second half, from the k + 1 largest (EOS-banned) scores in descending order and their ids
+    (k = params.top_k): also used by the batched sampler (kernels.batched_sampling), which takes them for many rows
+    in one topk."""
+    k = len(top) - 1
     if not math.isfinite(top[k - 1]) or top[k] == top[k - 1]:
         return None
     scaled = [v / params.temperature for v in top[:k]]
@@ -271,6 +280,14 @@ def kept_distribution(
     return ids[:m], [w / total for w in weights[:m]]
 
 
+def race_pick(ids: torch.Tensor, probs: list[float], generator: torch.Generator | None) -> int:
+    """The exponential race argmax(p_i / E_i), E_i ~ Exp(1) drawn from `generator`: picks ids[i] with probability
+    p_i (the rule torch.multinomial's one-sample draw uses), with one random number per kept token."""
+    race = torch.empty(len(probs)).exponential_(1, generator=generator).tolist()
+    best = max(range(len(probs)), key=lambda i: probs[i] / race[i] if race[i] > 0 else math.inf)
+    return int(ids[best])
+
+
 def sample_kept(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -285,10 +302,7 @@ def sample_kept(
     kept = kept_distribution(logits, params, num_generated, vocab_offset)
     if kept is None:
         return sample_host(logits, params, num_generated, generator, vocab_offset)
-    ids, probs = kept
-    race = torch.empty(len(probs)).exponential_(1, generator=generator).tolist()
-    best = max(range(len(probs)), key=lambda i: probs[i] / race[i] if race[i] > 0 else math.inf)
-    return int(ids[best]) + vocab_offset
+    return race_pick(*kept, generator) + vocab_offset
 
 
 CPU_DRAWS = {"hf": sample_host, "kept": sample_kept}  # how the CPU sampler draws (see sample)
