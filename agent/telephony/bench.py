@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lead-ms", type=float, default=200.0)
     parser.add_argument("--prebuffer-ms", type=float, default=200.0)
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="the calls' model is a running `speechgpt-rt serve` at ws://HOST:PORT (as telephony --server)")
 
 
 @dataclass
@@ -228,7 +230,7 @@ def run(args) -> int:
     except ValueError:
         print(f"speechgpt-rt bench-telephony: --calls: expected positive ints like 1,2,4, got {args.calls!r}", file=sys.stderr)
         return 2
-    if args.model_dir != DEFAULT_MODEL_DIR or args.model_dir.exists():
+    if args.server is None and (args.model_dir != DEFAULT_MODEL_DIR or args.model_dir.exists()):
         try:
             resolve_bundle(args.model_dir)
         except (BundleError, OSError) as exc:
@@ -249,9 +251,19 @@ async def _bench(args, levels: list[int]) -> int:
     from agent.tiny import make_tiny_bundle
 
     torch.set_num_threads(1)
-    if not args.model_dir.exists():
-        make_tiny_bundle(args.model_dir, seed=0)
-    model = SpeechGPTModel.load(args.model_dir)
+    if args.server is not None:  # the sessions' turns then hold what the client measures (agent/realtime/remote.py)
+        from agent.realtime.remote import RemoteError, RemoteModel, probe
+
+        model = RemoteModel(args.server)
+        try:
+            await probe(model.url, model.api_key)
+        except RemoteError as exc:
+            print(f"speechgpt-rt bench-telephony: {exc}", file=sys.stderr)
+            return 1
+    else:
+        if not args.model_dir.exists():
+            make_tiny_bundle(args.model_dir, seed=0)
+        model = SpeechGPTModel.load(args.model_dir)
     playout = PlayoutConfig(lead_s=args.lead_ms / 1000, prebuffer_s=args.prebuffer_ms / 1000)
     server = TelephonyServer(model, ServerConfig(playout=playout, max_calls=max(levels)))
     url = await server.start("127.0.0.1", 0)
@@ -290,7 +302,7 @@ async def _bench(args, levels: list[int]) -> int:
         args.json.write_text(json.dumps({
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_before": load_before,
                         "loadavg_after": load},
-            "config": {"model_dir": str(args.model_dir), "turns": args.turns, "lead_ms": args.lead_ms,
+            "config": {"model_dir": str(args.model_dir), "server": args.server, "turns": args.turns, "lead_ms": args.lead_ms,
                        "prebuffer_ms": args.prebuffer_ms, "calls": levels},
             "levels": results, "sustained_calls": sustained}, indent=2))
     return 0
