@@ -141,6 +141,7 @@ def test_a_spoken_turn_comes_back_as_session_events(server):
     assert m.reply_s == pytest.approx(played / 16000) and m.heard_s == pytest.approx(played / 16000)
     assert m.onset < m.last_voiced < m.final_eot <= m.first_frame_handed <= m.first_frame_played
     assert m.intervals()["end_to_end"] is not None and m.new_tokens > 0 and m.output_units > 0
+    assert m.intervals()["overhead"] is None and m.to_dict()["intervals"]["response"] is not None  # no compute here
     states = [e.new for e in events if isinstance(e, StateChanged)]
     assert states[:4] == [AgentState.LISTENING, AgentState.THINKING, AgentState.SPEAKING, AgentState.LISTENING], states
     # what the server heard and answered is what the client reports

@@ -41,6 +41,15 @@ QUIET_ERRORS = {"response_cancel_not_active", "conversation_already_has_active_r
 
 
 @dataclass
+class RemoteTurnMetrics(TurnMetrics):
+    """A turn as the client measures it: the compute of each stage ran on the server, so no `overhead` (response
+    minus that compute) can be told here."""
+
+    def intervals(self) -> dict[str, float | None]:
+        return super().intervals() | {"overhead": None}
+
+
+@dataclass
 class _Reply:
     """One server response as this client plays it."""
 
@@ -268,7 +277,7 @@ class RemoteSession:
             turn, _ = self._listening or (self._turn_count - 1, None)
             self._listening = None
             item_id = e.get("item_id")
-            m = self._speech.setdefault(item_id, TurnMetrics(turn))
+            m = self._speech.setdefault(item_id, RemoteTurnMetrics(turn))
             m.last_voiced, m.final_eot = self._uplink.at(e.get("audio_end_ms")), now
             self._awaiting_response = now
             self.events.emit(UserSpeechEnded(turn, now, m.last_voiced if m.last_voiced is not None else now, item_id))
@@ -313,7 +322,7 @@ class RemoteSession:
         self._turn_count += 1
         self._listening = (turn, item_id)
         onset = self._uplink.at(e.get("audio_start_ms"))
-        self._speech[item_id] = TurnMetrics(turn, onset=onset)
+        self._speech[item_id] = RemoteTurnMetrics(turn, onset=onset)
         self.events.emit(UserSpeechStarted(turn, onset if onset is not None else now, item_id))
         r = self._playing
         if r is not None and r.audio_started and not r.cut and r.finished is None:
@@ -362,7 +371,7 @@ class RemoteSession:
         user_item = self._last_user_item
         spoken = self._speech.get(user_item)
         turn = spoken.turn if spoken is not None else max(0, self._turn_count - 1)
-        metrics = replace(spoken or TurnMetrics(turn), errors=[])
+        metrics = replace(spoken or RemoteTurnMetrics(turn), errors=[])
         r = self._replies[rid] = _Reply(rid, "", turn, user_item, metrics)
         self._awaiting_response = None
         self._queue.put_nowait(r)
