@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"force transcript/text/unit answer lengths (e.g. {','.join(map(str, DEFAULT_FIXED_LENGTHS))})")
     parser.add_argument("--baseline", action="store_true", help="also run the original pipeline on the same inputs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batched", action="store_true",
+                        help="every session's decode steps batched in one engine (kernels.batch_engine), not an engine each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--plot", type=Path, default=None, help="PNG: waterfall per turn and CDF of time to first audio")
@@ -339,7 +341,13 @@ def run(args) -> int:
         model_dir = Path(".cache/tiny-bundle")
         if not (model_dir / "tiny_bundle.json").is_file():
             make_tiny_bundle(model_dir, seed=0)
-    model = SpeechGPTModel.load(model_dir, device=args.device)
+    batch = None
+    if args.batched:
+        from kernels.batch_engine import BatchConfig
+
+        # admission off: the benchmark measures what the asked-for load does to latency, it never refuses it
+        batch = BatchConfig(max_sessions=max(levels), admission=False)
+    model = SpeechGPTModel.load(model_dir, device=args.device, batch=batch)
     forced = scripted_answer(model.tokenizer, lengths, args.seed) if lengths else None
     turns = args.turns or len(utterances)
     total = sum(levels) * turns + (len(utterances) if args.baseline else 0)

@@ -27,11 +27,12 @@ class LoadReport:
     device: str
     step_variant: str
     vocoder_backend: str
+    batched_slots: int | None = None  # sessions' KV slots of the batched engine (None: one engine fork per session)
 
 
 class SpeechGPTModel:
     def __init__(self, paths: BundlePaths, tokenizer: SpeechGPTTokenizer, engine: DecodeEngine, units, vocoder_backend,
-                 device: str = "cpu", report: LoadReport | None = None):
+                 device: str = "cpu", report: LoadReport | None = None, batched=None):
         self.paths = paths
         self.tokenizer = tokenizer
         self.engine = engine  # the template each session forks; never decodes itself
@@ -39,13 +40,16 @@ class SpeechGPTModel:
         self.vocoder_backend = vocoder_backend  # streaming.synthesizer.VocoderBackend
         self.device = device
         self.report = report
+        self.batched = batched  # kernels.batch_engine.BatchedEngine: every session's decode steps batched together
         self._sessions = 0
 
     @classmethod
     def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,
-             vocoder_backend: str = "auto", warmup: bool = True) -> "SpeechGPTModel":
+             vocoder_backend: str = "auto", warmup: bool = True, batch=None) -> "SpeechGPTModel":
         """Load a release layout, a converted bundle or the tiny bundle. On CUDA the engine measures its kernels
-        and races its step variants here, once (fp16 there by default, fp32 on the CPU)."""
+        and races its step variants here, once (fp16 there by default, fp32 on the CPU). batch: a
+        kernels.batch_engine.BatchConfig = sessions decode in one batched engine (one KV slot each, admission
+        control) instead of one engine fork each."""
         from agent.engine_generator import EngineGenerator
         from streaming.synthesizer import make_backend
         from streaming.units import UnitExtractor
@@ -64,11 +68,24 @@ class SpeechGPTModel:
         load_s = time.perf_counter() - t0
         warmup_s = generator.warmup() if warmup else 0.0
         engine = generator.engine
-        report = LoadReport(load_s, warmup_s, str(device), engine.step_variant.name, getattr(backend, "name", "?"))
-        return cls(paths, generator.tokenizer, engine, units, backend, str(device), report)
+        batched = None
+        if batch is not None:
+            from dataclasses import replace
 
-    def new_engine(self) -> DecodeEngine:
-        """A decode engine for one more conversation: own KV cache and graphs, shared weights and tuning."""
+            from kernels.batch_engine import BatchedEngine
+
+            batched = BatchedEngine(engine.model.w, unit_rows_start=engine.model.unit_rows_start,
+                                    unit_span_ids=(engine.sosp_id, engine.eosp_id),
+                                    config=replace(batch, max_seq=batch.max_seq or engine.max_seq))
+        report = LoadReport(load_s, warmup_s, str(device), engine.step_variant.name, getattr(backend, "name", "?"),
+                            batched.cache.slots if batched is not None else None)
+        return cls(paths, generator.tokenizer, engine, units, backend, str(device), report, batched)
+
+    def new_engine(self):
+        """A decode engine for one more conversation: a fork (own KV cache and graphs, shared weights and tuning), or
+        with batching a slot of the batched engine (raises kernels.batch_engine.AdmissionRefused when it is full)."""
+        if self.batched is not None:
+            return self.batched.open_slot()
         return self.engine.fork()
 
     def session(self, input, output, config=None, clock=None, name: str | None = None,

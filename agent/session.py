@@ -289,6 +289,7 @@ class _Reply:
     span_ended: bool = False
     audio_started: bool = False
     frames: list[np.ndarray] = field(default_factory=list)
+    handed_s: float = 0.0  # seconds of reply audio handed to the output
     cancelled: bool = False
     finished: bool = False
     decode_t0: float = 0.0  # perf_counter when decoding started
@@ -404,6 +405,9 @@ class Session:
                 reply.done.set_result(None)  # a run() waiting for this reply ends too
         for pool in (self._hubert, self._llm, self._vocoder):
             await asyncio.to_thread(pool.shutdown, True)
+        release = getattr(self.engine, "release", None)  # a batched engine's KV slot goes back to the pool
+        if release is not None:
+            release()
         self.events.close()
 
     @property
@@ -1078,7 +1082,20 @@ class Session:
                     self.vad.set_agent_speaking(True)
                     self._set_state(AgentState.SPEAKING)
                 r.frames.append(frame.to_float32_mono().samples)
+                r.handed_s += frame.duration
+                self._set_deadline(r)
                 await self.output.capture_frame(frame)
+
+    def _set_deadline(self, r: _Reply | None) -> None:
+        """Tell a batched engine when this session's playout runs dry (its decode steps are scheduled by it); None:
+        no audio buffered, as soon as possible."""
+        if not hasattr(self.engine, "deadline"):
+            return
+        if r is None or r.metrics.first_frame_handed is None:
+            self.engine.deadline = None
+            return
+        left = r.metrics.first_frame_handed + r.handed_s - self.clock.now()
+        self.engine.deadline = time.monotonic() + left
 
     def _on_playback(self, event: PlaybackStarted | PlaybackFinished) -> None:
         r = self._reply
@@ -1090,6 +1107,7 @@ class Session:
                   cut: bool = True) -> None:
         """The reply ended (played out, interrupted, cancelled or dropped): history, final events, metrics. `cut`:
         an interrupted reply enters the history as heard (a client's cancel keeps all of it until a truncate)."""
+        self._set_deadline(None)
         m = r.metrics
         m.interrupted = finished.interrupted
         m.heard_s = finished.position

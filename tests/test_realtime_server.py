@@ -545,3 +545,51 @@ def test_the_serve_command_serves(tiny_bundle, tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_a_batched_model_server_answers_and_refuses_beyond_its_slots(tiny_bundle):
+    """serve --batched: each connection's session decodes in a slot of one batched engine; with every slot taken a
+    new connection gets an error naming the engine's reason and close code 1013; once a session closes its slot
+    serves the next connection."""
+    from agent.model import SpeechGPTModel
+    from kernels.batch_engine import BatchConfig
+
+    model = SpeechGPTModel.load(tiny_bundle, batch=BatchConfig(max_sessions=1, admission=False))
+    server = ServerThread(model, ServerOptions())
+
+    async def main():
+        a = await connect(server, key="k")
+        try:
+            await a.until("session.created")
+            await a.manual()
+            await a.append(QUESTION_24K)
+            await a.send(type="input_audio_buffer.commit")
+            await a.send(type="response.create")
+            answered = await a.since("response.done")
+            b = await connect(server, key="k")
+            refused = await b.recv()
+            await asyncio.wait_for(b.ws.receive(), WAIT)
+            code = b.ws.close_code
+            await close(b)
+        finally:
+            await close(a)
+        while model.batched.cache.free_slots < 1:
+            await asyncio.sleep(0.05)
+        c = await connect(server, key="k")
+        try:
+            again = await c.recv()
+        finally:
+            await close(c)
+        return answered, refused, code, again
+
+    try:
+        answered, refused, code, again = asyncio.run(main())
+    finally:
+        server.close()
+        model.batched.close()
+    assert answered[-1]["response"]["status"] == "completed"
+    assert any(e["type"] == "response.output_audio.delta" for e in answered)
+    assert refused["type"] == "error" and refused["error"]["code"] == "session_limit_reached"
+    assert "all 1 KV slots are in use" in refused["error"]["message"] and code == 1013
+    assert again["type"] == "session.created"
+    assert any(step.slots for step in model.batched.steps)  # the answer was decoded by the batched engine

@@ -353,3 +353,28 @@ def test_single_turn_gives_every_turn_the_original_prompt(model, tiny_bundle):
         assert record.prompt == generator.tokenizer.encode(prompt)
         assert record.tokens == generator.generate(prompt, seed=5 + m.turn, stop_at_answer_end=True).new_ids
     assert session.conversation.turns == []
+
+
+def test_sessions_on_the_batched_engine_answer_as_on_their_own_engines(tiny_bundle, model, plain):
+    """The same two conversations with batching on (one scheduler stepping both sessions' decodes together, each in
+    its own KV slot, transformers' draw): the tokens of every turn and the reply audio equal the per-session engines'
+    (plain: a fork each); each session's slot is returned when it closes."""
+    from agent.model import SpeechGPTModel
+    from kernels.batch_engine import BatchConfig
+
+    batched = SpeechGPTModel.load(tiny_bundle, batch=BatchConfig(max_sessions=2, cpu_draw="hf", admission=False))
+
+    async def both():
+        a, ua, _ = new_session(batched, NO_SPEC)
+        b, ub, _ = new_session(batched, NO_SPEC)
+        await asyncio.gather(converse(a, ua, [QUESTION, FOLLOW_UP]), converse(b, ub, [TABLE]))
+        return a, b
+
+    a, b = asyncio.run(both())
+    b_alone = chat(model, [TABLE], NO_SPEC)[0]
+    assert tokens_of(a) == tokens_of(plain[0])
+    assert tokens_of(b) == tokens_of(b_alone)
+    assert np.array_equal(b.replies[0], b_alone.replies[0])
+    assert batched.report.batched_slots == 2 and batched.batched.cache.free_slots == 2
+    assert any(len(step.slots) == 2 for step in batched.batched.steps)  # the two sessions shared decode steps
+    batched.batched.close()

@@ -91,10 +91,17 @@ class RealtimeServer:
                                                    f"{self.options.max_sessions} sessions at once; try again later",
                                                    type="server_error"), 1013)
             return ws
+        from kernels.batch_engine import AdmissionRefused
+
+        try:
+            conn = RealtimeConnection(ws, self.model, self.options, request.query.get("model"),
+                                      name=f"realtime-{self.served + 1}")
+        except AdmissionRefused as exc:  # the batched engine cannot serve one more session in real time
+            await self._refuse(ws, P.ProtocolError(P.SESSION_LIMIT, f"the model server is at capacity: {exc}; try again later",
+                                                   type="server_error"), 1013)
+            return ws
         self.active += 1
         self.served += 1
-        conn = RealtimeConnection(ws, self.model, self.options, request.query.get("model"),
-                                  name=f"realtime-{self.served}")
         self.connections.append(conn)
         try:
             await conn.run()
@@ -163,6 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"release layout or converted bundle (default: the tiny bundle at {DEFAULT_MODEL_DIR}, made if missing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--max-sessions", type=int, default=None, help="connections served at once (beyond: refused)")
+    parser.add_argument("--batched", action="store_true",
+                        help="decode every connection's turns in one batched engine (one KV slot each, deadline scheduling, "
+                             "admission control: a connection the measured step time cannot serve in real time is refused)")
     parser.add_argument("--api-key-env", default=None, metavar="NAME",
                         help="the environment variable holding the key clients must send (default: any key)")
     parser.add_argument("--input-rate", type=int, choices=(24000, 16000), default=24000,
@@ -219,14 +229,21 @@ def run(args) -> int:
         from agent.tiny import make_tiny_bundle
 
         make_tiny_bundle(args.model_dir, seed=0)
-    model = SpeechGPTModel.load(args.model_dir, device=args.device)
+    batch = None
+    if args.batched:
+        from kernels.batch_engine import BatchConfig
+
+        batch = BatchConfig(max_sessions=args.max_sessions)
+    model = SpeechGPTModel.load(args.model_dir, device=args.device, batch=batch)
     server = RealtimeServer(model, replace(options))
 
     async def main() -> None:
         port = await server.start(args.host, args.port)
         print(f"speechgpt-rt serve: ws://{args.host}:{port}/v1/realtime (model {args.model_dir}, "
               f"{'key from $' + args.api_key_env if options.api_key else 'any API key'}, "
-              f"max sessions {options.max_sessions or 'unlimited'})", flush=True)
+              f"max sessions {options.max_sessions or 'unlimited'}"
+              + (f", batched decoding over {model.report.batched_slots} KV slots" if model.batched is not None else "")
+              + ")", flush=True)
         try:
             await asyncio.Event().wait()
         finally:
