@@ -26,7 +26,7 @@ from kernels.engine import DecodeEngine
 from kernels.model import LlamaWeights
 from kernels.batched_sampling import sample_rows
 from kernels.sampling import SPEECHGPT_SAMPLING, SamplerState
-from kernels.slot_cache import SlotKVCache
+from kernels.slot_cache import SlotKVCache, slots_that_fit
 
 
 def _timed(fn, device: torch.device, steps: int) -> float:
@@ -44,17 +44,27 @@ def batch_benchmark(config: str, device: str, dtype: torch.dtype, batches: list[
     """cpu_draw: the CPU sampler's draw on both sides (the batched engine's default is "kept")."""
     dev = torch.device(device)
     arch = CONFIGS[config]
-    max_seq = arch.max_position_embeddings
+    max_seq = min(arch.max_position_embeddings, max(contexts) + 1)  # slots no longer than the contexts need
     w = LlamaWeights.random(arch, dtype, dev)
     head = dict(unit_rows_start=SPEECHGPT_TEXT_ROWS, unit_span_ids=SPEECHGPT_UNIT_SPAN_IDS)
     single = DecodeEngine(w, max_seq, cpu_draw=cpu_draw, **head)
     single.warmup(SPEECHGPT_SAMPLING)
+    left_out = []
+    if dev.type == "cuda":  # as many sessions as the card holds at these contexts
+        fit = slots_that_fit(arch, max_seq, dtype, dev)
+        left_out = [b for b in batches if b > fit]
+        batches = [b for b in batches if b <= fit]
+        for b in left_out:
+            log(f"B={b}: {b} KV slots of {max_seq} positions do not fit in this card's free memory (at most {fit}); left out")
+        if not batches:
+            raise ValueError(f"no batch size fits: at most {fit} slots of {max_seq} positions")
     cache = SlotKVCache(arch, max(batches), max_seq, dtype, dev)
     decoder = BatchedDecoder(w, cache, unit_rows_start=SPEECHGPT_TEXT_ROWS)
     params = SPEECHGPT_SAMPLING
     card, spec = spec_bandwidth(dev)
     res: dict = {"config": config, "device": card, "cpu_draw": cpu_draw if dev.type != "cuda" else None, "dtype": str(dtype).replace("torch.", ""), "steps": steps, "rounds": rounds,
-                 "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
+                 "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": [],
+                 "left_out_for_memory": left_out}
     weight_bytes = w.decode_bytes()
     elem = torch.empty((), dtype=dtype).element_size()
 

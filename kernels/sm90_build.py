@@ -93,6 +93,7 @@ def build_report() -> dict:
         raise RuntimeError("sm90_build compiles real kernels: run it without TRITON_INTERPRET=1")
     import triton
 
+    from kernels.batched_attention import _batched_combine_kernel, _batched_split_kernel
     from kernels.decode_attention import _decode_attn_combine_kernel, _decode_attn_split_kernel
     from kernels.gemv import _gemv_kernel
     from kernels.gemv_residual import _gemv_residual_kernel
@@ -141,6 +142,17 @@ def build_report() -> dict:
         k = _compile(_decode_attn_combine_kernel, {"scratch_ptr": "*fp32", "out_ptr": BF16},
                      {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32, "USE_GDC": pdl}, ["scratch_ptr", "out_ptr", "stride_oh"], 4, pdl)
         add(f"decode_attention_combine/{tag}", k, None, 4)
+    # The batched engine's attention over per-row slots and lengths (kernels.batched_attention).
+    k = _compile(_batched_split_kernel,
+                 {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "slots_ptr": "*i32", "seq_lens_ptr": "*i32", "scratch_ptr": "*fp32",
+                  "qk_scale": "fp32"},
+                 {"H": 32, "GROUP": 1, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64},
+                 ["q_ptr", "k_ptr", "v_ptr", "scratch_ptr", "stride_qb", "stride_qh", "stride_kslot", "stride_kh", "stride_ks",
+                  "stride_vslot", "stride_vh", "stride_vs"], 4)  # fmt: skip
+    add("batched_attention_split", k, None, 4)
+    k = _compile(_batched_combine_kernel, {"scratch_ptr": "*fp32", "out_ptr": BF16}, {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32},
+                 ["scratch_ptr", "out_ptr"], 4)
+    add("batched_attention_combine", k, None, 4)
     k = _compile(_gemv_kernel, {"w_ptr": BF16, "x_ptr": BF16, "y_ptr": BF16}, {"BLOCK_N": 8, "BLOCK_K": 512, "EVEN_K": True},
                  ["w_ptr", "x_ptr", "y_ptr", "N", "K", "stride_wn"], 4)
     add("gemv[8x512,w4]", k, 2 * 8 * 512, 4)

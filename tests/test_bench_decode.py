@@ -58,3 +58,26 @@ def test_markdown_report(result):
     assert "| _gemv_residual_kernel | 900.0 | 64 |" in md
     assert "`engine_eager` is the same engine on the eager reference ops" in md and "ctx 2048: " in md
     assert md.count("\n| ") >= 8
+
+
+def test_batched_rows_side_by_side_with_the_batch1_engine(tmp_path, capsys):
+    """bench-decode --batch: a row per (context, B) with the batched step, the batch-1 engine's time for the same B
+    tokens and their ratio, the JSON as printed, a markdown table; a bad batch size is one line, exit 2."""
+    import argparse
+
+    from kernels.bench_batch import batch_benchmark, markdown_table
+
+    path = tmp_path / "batch.json"
+    res = batch_benchmark("tiny", "cpu", __import__("torch").float32, [1, 3], [16, 40], steps=2, rounds=2, json_path=path,
+                          log=lambda *a: None)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(res))
+    assert [(r["context"], r["batch"]) for r in res["rows"]] == [(16, 1), (16, 3), (40, 1), (40, 3)]
+    for r in res["rows"]:
+        assert r["step_ms"] > 0 and r["tok_s"] == pytest.approx(1000 * r["batch"] / r["step_ms"])
+        assert r["speedup"] == pytest.approx(r["in_turn_ms"] / r["step_ms"]) and r["pct_spec"] is None
+    table = markdown_table(res)
+    assert table.count("\n| 40 | 3 | ") == 1 and res["cpu_draw"] == "kept"
+    parser = argparse.ArgumentParser()
+    bd.add_arguments(parser)
+    assert bd.run(parser.parse_args(["--device", "cpu", "--config", "tiny", "--batch", "0", "--json", str(path)])) == 2
+    assert "--batch sizes must be >= 1" in capsys.readouterr().err

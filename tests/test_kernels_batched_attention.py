@@ -76,3 +76,17 @@ def test_bad_shapes_are_named():
         ba.batched_decode_attention(q, pool[0], pool[0], torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="not divisible"):
         ba.batched_decode_attention(torch.zeros(2, 3, 8), pool, pool, torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_at_7b_shapes_on_the_gpu(dtype, gen):
+    """32 heads of 128 over 2048-position slots, 8 rows of mixed lengths (one of them a padded row's length 1)."""
+    q = torch.randn((8, 32, 128), generator=gen, device="cuda").to(dtype)
+    k_pool = torch.randn((9, 32, 2048, 128), generator=gen, device="cuda").to(dtype)
+    v_pool = torch.randn((9, 32, 2048, 128), generator=gen, device="cuda").to(dtype)
+    slots = torch.tensor([8, 0, 3, 5, 1, 7, 2, 6], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([1, 2048, 17, 300, 1024, 1025, 64, 1999], dtype=torch.int32, device="cuda")
+    out = ba.batched_decode_attention_triton(q, k_pool, v_pool, slots, lens)
+    ref = ba.batched_decode_attention_reference(q.float(), k_pool.float(), v_pool.float(), slots, lens)
+    assert_dtype_rule(out, _lowp_rows(q, k_pool, v_pool, slots, lens), ref, f"batched attention 7B {dtype}")
