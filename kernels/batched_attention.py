@@ -44,10 +44,16 @@ def batched_decode_attention_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: 
     """The CPU path: each row through torch's SDPA over its own slot (one op per row instead of the reference's
     eight; a row's result never depends on the other rows). Returns [B, H, D] in q's dtype."""
     _check(q, k_pool, v_pool, slots, seq_lens)
+    return rows_attention_cpu(q, k_pool, v_pool, list(zip(slots.tolist(), seq_lens.tolist())))
+
+
+def rows_attention_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor:
+    """batched_decode_attention_cpu over the first len(rows) rows of q, with (slot, length) per row as host ints
+    (the batched step reads them once per step, not once per layer)."""
     gqa = q.shape[1] != k_pool.shape[1]
-    rows = [F.scaled_dot_product_attention(q[b].unsqueeze(1), k_pool[s, :, :n], v_pool[s, :, :n], enable_gqa=gqa)[:, 0]
-            for b, (s, n) in enumerate(zip(slots.tolist(), seq_lens.tolist()))]
-    return torch.stack(rows) if rows else torch.zeros_like(q)
+    out = [F.scaled_dot_product_attention(q[b].unsqueeze(1), k_pool[s, :, :n], v_pool[s, :, :n], enable_gqa=gqa)[:, 0]
+           for b, (s, n) in enumerate(rows)]
+    return torch.stack(out) if out else q[:0].clone()
 
 
 def _check(q, k_pool, v_pool, slots, seq_lens) -> None:

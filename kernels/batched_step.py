@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.batched_attention import batched_decode_attention
+from kernels.batched_attention import batched_decode_attention, rows_attention_cpu
 from kernels.decode_attention import choose_num_splits
 from kernels.model import LlamaWeights
 from kernels.rmsnorm import add_rmsnorm, rmsnorm
-from kernels.rope import apply_rope_reference, rope_tables
+from kernels.rope import rope_tables, rotate_half
 from kernels.silu_mul import silu_mul
 from kernels.slot_cache import SlotKVCache
 
@@ -77,6 +77,11 @@ class BatchedDecoder:
         H, Hkv, D = a.num_heads, a.num_kv_heads, a.head_dim
         n_rows = tok.shape[0]
         seq_lens = (pos + 1).to(torch.int32)
+        cpu_rows = list(zip(slot[:real].tolist(), (pos[:real] + 1).tolist())) if self.device.type != "cuda" else None
+        # RoPE's cos / sin rows of every row's position, once per step (apply_rope_reference's formula, same bits)
+        c, s = self.cos[pos], self.sin[pos]
+        c = torch.cat((c, c), dim=-1).to(self.w.dtype).unsqueeze(1)
+        s = torch.cat((s, s), dim=-1).to(self.w.dtype).unsqueeze(1)
         x = F.embedding(tok, self.w.embed)  # [B, H*D]
         residual = None
         for n, L in enumerate(self.w.layers):
@@ -85,8 +90,10 @@ class BatchedDecoder:
             else:
                 h, residual = add_rmsnorm(x, residual, L.attn_norm, eps)
             q, k, v = F.linear(h, L.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = apply_rope_reference(q.reshape(n_rows, H, D), self.cos, self.sin, pos)
-            k = apply_rope_reference(k.reshape(n_rows, Hkv, D), self.cos, self.sin, pos)
+            q = q.reshape(n_rows, H, D)
+            q = q * c + rotate_half(q) * s
+            k = k.reshape(n_rows, Hkv, D)
+            k = k * c + rotate_half(k) * s
             k_pool, v_pool = self.cache.k[n], self.cache.v[n]  # [slots + 1, Hkv, S, D]
             k_pool[slot, :, pos] = k
             v_pool[slot, :, pos] = v.reshape(n_rows, Hkv, D)
@@ -94,7 +101,7 @@ class BatchedDecoder:
                 attn = batched_decode_attention(q.contiguous(), k_pool, v_pool, slot, seq_lens, num_splits=self.num_splits)
             else:  # on the CPU a pad's attention is pure cost: zeros stand in (its outputs are dropped)
                 attn = torch.zeros_like(q)
-                attn[:real] = batched_decode_attention(q[:real].contiguous(), k_pool, v_pool, slot[:real], seq_lens[:real])
+                attn[:real] = rows_attention_cpu(q, k_pool, v_pool, cpu_rows)
             x = F.linear(attn.reshape(n_rows, H * D), L.wo)
             h, residual = add_rmsnorm(x, residual, L.mlp_norm, eps)
             x = F.linear(silu_mul(F.linear(h, L.w_gate_up)), L.w_down)
