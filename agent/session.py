@@ -38,34 +38,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from agent.clock import SessionClock
-from agent.conversation import (
-    APPEND,
-    Conversation,
-    DuplicateItem,
-    Message,
-    PastTurn,  # noqa: F401 - part of this module's API since the first session
-    PromptBuilder,
-    heard_text,
-    new_item_id,
-    units_heard,
-)
+from agent.conversation import Conversation, PromptBuilder, heard_text, new_item_id, units_heard
 from agent.events import (
     AgentState,
     AgentText,
-    AudioCommitted,
     EventBus,
-    ItemAdded,
     ReplyAudioFinished,
     ReplyAudioStarted,
-    ResponseCreated,
     ResponseDone,
     SessionError,
     StateChanged,
@@ -74,17 +59,32 @@ from agent.events import (
     UserSpeechStarted,
     UserTranscript,
 )
-from agent.generation import SPEECHGPT_MAX_NEW_TOKENS
 from agent.io import AudioInput, AudioOutput, PlaybackFinished, PlaybackStarted
 from agent.metrics import TurnMetrics
 from agent.parser import (AnswerDone, ResponseParser, Segment, SegmentDone, TextDelta, Unit, UnitSpanEnded,
                           UnitSpanStarted)
-from agent.prompts import META_INSTRUCTION, Task
-from kernels.sampling import SPEECHGPT_SAMPLING, SamplingParams
+from agent.prompts import Task
+from agent.session_api import SessionItemsApi
+from agent.session_types import (  # noqa: F401 - re-exported: agent.session is where users import them from
+    EmptyAudioBuffer,
+    MIN_COMMIT_S,
+    Response,
+    ResponseActive,
+    ResponseOptions,
+    SessionConfig,
+    StageError,
+    TurnDetection,
+    TurnRecord,
+    Usage,
+    _Reply,
+    _UserTurn,
+    _common_prefix,
+    _with_end_of_turn_silence,
+)
 from streaming.frames import AudioFrame, BadFrameError, Resampler
 from streaming.hubert import RECEPTIVE_FIELD
-from streaming.incremental_units import IncrementalConfig, IncrementalUnitExtractor
-from streaming.synthesizer import StreamingSynthesizer, SynthesizerConfig
+from streaming.incremental_units import IncrementalUnitExtractor
+from streaming.synthesizer import StreamingSynthesizer
 from streaming.vad import (
     FrameRejected,
     Interruption,
@@ -93,7 +93,6 @@ from streaming.vad import (
     SpeechPaused,
     SpeechResumed,
     SpeechStarted,
-    VadConfig,
     VadDetector,
 )
 
@@ -102,231 +101,7 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
 
 
-@dataclass(frozen=True)
-class SessionConfig:
-    seed: int = 0
-    sampling: SamplingParams = SPEECHGPT_SAMPLING
-    speech_head: bool = False  # the engine's restricted head inside unit spans (same distribution as masking)
-    max_new_tokens: int = SPEECHGPT_MAX_NEW_TOKENS
-    single_turn: bool = False
-    system_prompt: str = META_INSTRUCTION
-    reserve_tokens: int = 512  # context positions kept for the answer (older turns are evicted for them)
-    speculative_prefill: bool = True
-    preemptive_reply: bool = True
-    tentative_silence_s: float = 0.2
-    end_of_turn_silence_s: float = 0.5
-    min_interruption_s: float = 0.5
-    unit_tail_s: float = 0.1  # audio after the VAD's offset kept for the turn's units
-    vad: VadConfig = field(default_factory=VadConfig)  # the three times above override its own
-    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
-    synthesizer: SynthesizerConfig = field(default_factory=SynthesizerConfig)
-
-    def __post_init__(self) -> None:
-        for name in ("tentative_silence_s", "end_of_turn_silence_s", "min_interruption_s", "unit_tail_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"SessionConfig.{name}: expected a finite number >= 0, got {value!r}")
-        if self.preemptive_reply and self.tentative_silence_s >= self.end_of_turn_silence_s:
-            raise ValueError(f"SessionConfig.tentative_silence_s ({self.tentative_silence_s}) must be shorter than "
-                             f"end_of_turn_silence_s ({self.end_of_turn_silence_s})")
-        if self.unit_tail_s > min(self.tentative_silence_s, self.end_of_turn_silence_s):
-            raise ValueError(f"SessionConfig.unit_tail_s ({self.unit_tail_s}) must not exceed the tentative and "
-                             "end-of-turn silences (the tail must have been heard when the units are computed)")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SessionConfig.max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-
-    def vad_config(self) -> VadConfig:
-        return replace(self.vad, end_of_turn_silence_s=self.end_of_turn_silence_s,
-                       min_interruption_s=self.min_interruption_s,
-                       pause_silence_s=self.tentative_silence_s if self.preemptive_reply else None)
-
-
-def _with_end_of_turn_silence(config: SessionConfig, silence_s: float) -> SessionConfig:
-    """The config with another end-of-turn silence (a Realtime client's silence_duration_ms): the tentative end of
-    turn and the unit tail shrink with it where they would no longer fit under it."""
-    if not (math.isfinite(silence_s) and silence_s > 0):
-        raise ValueError(f"end-of-turn silence: expected a finite number > 0, got {silence_s!r}")
-    preemptive = config.preemptive_reply and config.tentative_silence_s < silence_s
-    tail = min(config.unit_tail_s, silence_s, config.tentative_silence_s if preemptive else silence_s)
-    return replace(config, end_of_turn_silence_s=silence_s, preemptive_reply=preemptive, unit_tail_s=tail)
-
-
-@dataclass
-class TurnRecord:
-    """What a turn fed the LLM and got back (for tests, benchmarks and debugging)."""
-
-    units: list[int] = field(default_factory=list)  # the question's final reduced units
-    prompt: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)  # generated, up to where decoding stopped
-    logits: object | None = None  # fp32 logits after the prompt (the first token's distribution)
-
-
-class StageError(RuntimeError):
-    def __init__(self, stage: str, message: str):
-        super().__init__(message)
-        self.stage = stage
-
-
-class EmptyAudioBuffer(ValueError):
-    """commit_audio() with less than `MIN_COMMIT_S` of audio buffered (or with server VAD on, which commits)."""
-
-
-class ResponseActive(RuntimeError):
-    """create_response() while another response is in progress (one at a time per session)."""
-
-    def __init__(self, response: "Response"):
-        super().__init__(f"response {response.id} is still in progress")
-        self.response = response
-
-
-MIN_COMMIT_S = 0.1  # less buffered audio than this is an empty commit (what Realtime servers refuse too)
-MODALITIES = ("audio", "text")
-
-
-@dataclass(frozen=True)
-class TurnDetection:
-    """Server-side turn taking on the session's VAD (the default). `Session.set_turn_detection(None)` turns it off:
-    manual turns, where nothing is answered until `commit_audio()` and `create_response()`."""
-
-    create_response: bool = True  # answer each turn the VAD ends
-    interrupt_response: bool = True  # user speech stops the response in progress (barge-in, drop while thinking)
-    end_of_turn_silence_s: float | None = None  # None: SessionConfig.end_of_turn_silence_s
-
-
-@dataclass(frozen=True)
-class ResponseOptions:
-    modalities: tuple[str, ...] = ("audio",)  # ("audio",): speech and its text; ("text",): text only, no vocoder
-    instructions: str | None = None  # replaces the system prompt for this response (None: the session's)
-    metadata: dict | None = None  # the caller's, carried on the Response untouched
-    max_output_tokens: int | None = None  # None: SessionConfig.max_new_tokens
-    item_id: str | None = None  # id of the assistant message it writes (None: a new one)
-
-    def __post_init__(self) -> None:
-        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
-            raise ValueError(f"ResponseOptions.modalities: expected a non-empty subset of {MODALITIES}, got {self.modalities!r}")
-        if self.max_output_tokens is not None and self.max_output_tokens < 1:
-            raise ValueError(f"ResponseOptions.max_output_tokens: expected >= 1, got {self.max_output_tokens}")
-
-    @property
-    def audio(self) -> bool:
-        return "audio" in self.modalities
-
-
-@dataclass
-class Usage:
-    """Token counts of one response. Audio tokens are unit tokens; the rest is text. `cached_tokens`: prompt
-    tokens found in the KV cache (not prefilled again)."""
-
-    input_tokens: int = 0
-    input_text_tokens: int = 0
-    input_audio_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    output_text_tokens: int = 0
-    output_audio_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-
-@dataclass(eq=False)
-class Response:
-    """One answer of the agent: the assistant message it writes and how it ended.
-
-    status: "in_progress", then "completed", "cancelled" (reason "client_cancelled" or "turn_detected"),
-    "incomplete" (reason "max_output_tokens": the token budget ran out) or "failed" (`error` says why)."""
-
-    id: str
-    options: ResponseOptions
-    item: Message
-    trigger: str  # "client" (create_response) or "turn_detection" (a VAD turn)
-    turn: int
-    question_id: str | None = None  # the user message answered (None: the conversation has none)
-    status: str = "in_progress"
-    reason: str | None = None
-    error: str | None = None
-    usage: Usage = field(default_factory=Usage)
-
-
-@dataclass
-class _UserTurn:
-    index: int
-    onset: float | None
-    audio_start: float  # session time of the first sample given to the unit extractor
-    while_speaking: bool  # began while the agent was playing audio
-    interrupted_agent: bool = False
-    paused_offset: float | None = None
-    paused_at: float | None = None
-    discarded: int = 0  # preemptive replies thrown away
-    speculative_tokens: int = 0
-    item_id: str | None = None  # the user message this turn becomes when the VAD ends it
-
-
-@dataclass
-class _Reply:
-    turn: _UserTurn
-    metrics: TurnMetrics
-    preemptive: bool
-    offset: float
-    end_sample: int
-    seed: int
-    record: TurnRecord = field(default_factory=TurnRecord)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
-    gate: threading.Event = field(default_factory=threading.Event)  # the decode worker waits here before units
-    stop: threading.Event = field(default_factory=threading.Event)
-    parsed: asyncio.Queue = field(default_factory=asyncio.Queue)  # (parser events, time) from the decode worker
-    audio: asyncio.Queue = field(default_factory=asyncio.Queue)  # vocoder futures, in order
-    stream: object | None = None
-    task: asyncio.Task | None = None
-    playout: asyncio.Task | None = None
-    parser: ResponseParser | None = None
-    stage: str = "units"
-    transcript: str = ""
-    transcript_final: bool = False
-    text: str = ""
-    units: list[int] = field(default_factory=list)
-    span_ended: bool = False
-    audio_started: bool = False
-    frames: list[np.ndarray] = field(default_factory=list)
-    handed_s: float = 0.0  # seconds of reply audio handed to the output
-    cancelled: bool = False
-    finished: bool = False
-    decode_t0: float = 0.0  # perf_counter when decoding started
-    unit_perf: list[float] = field(default_factory=list)  # perf_counter when each unit token was decoded
-    gated_at: float | None = None  # session time a preemptive decode reached the unit span and waited
-    done: asyncio.Future | None = None
-    source: str = "turn"  # "turn": the VAD turn's audio is the question; "items": the conversation as it stands
-    options: ResponseOptions = field(default_factory=ResponseOptions)
-    response: Response | None = None
-    user_item: Message | None = None  # the question's user message (its transcript comes from this reply)
-    answer_task: Task = Task.SPEECH  # what the question asks for (decides the parser)
-    text_stop: bool = False  # decoding stopped after the text answer (text-only output)
-    cached_tokens: int = 0
-    generated: int = 0  # tokens decoded so far (the LLM thread counts)
-    generated_units: int = 0
-
-    def halt(self) -> None:
-        """Stop producing (thread-safe parts first): decode, then the tasks."""
-        self.cancelled = True
-        self.stop.set()
-        self.gate.set()
-        if self.stream is not None:
-            self.stream.cancel()
-        for task in (self.task, self.playout):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-class Session:
+class Session(SessionItemsApi):
     """See the module doc. Made by `SpeechGPTModel.session()`; `await run()` until the input ends."""
 
     def __init__(self, model, input: AudioInput, output: AudioOutput, config: SessionConfig | None = None,
@@ -414,217 +189,6 @@ class Session:
     def idle(self) -> bool:
         """No user turn being listened to and no reply in progress (a transport may drain or hand over now)."""
         return self._listening is None and self._reply is None
-
-    # ---- manual turns, items and responses (the Realtime-style API) -----------------------------------------
-    # Policies:
-    # - Turn detection: `TurnDetection` (the default) is the VAD-driven behaviour of the module doc, with
-    #   `create_response=False` (a turn becomes a user message, nothing is answered) and `interrupt_response=False`
-    #   (user speech never stops a response) honoured. `None` is manual: input frames are buffered (resampled to
-    #   16 kHz), nothing is answered until `commit_audio()` makes the buffered audio a user message and
-    #   `create_response()` answers. Switching mode drops the audio of a turn in progress and the buffer.
-    # - `commit_audio()` computes the final units of the whole buffer (the extraction `respond` does) on the HuBERT
-    #   thread; the message is in the conversation at once, its units follow, and a response waits for them.
-    # - A response answers the conversation as it stands (agent/conversation.py renders it): chain of modality
-    #   when the last user message is audio not transcribed yet, a text answer (SpeechGPT's text task) when it is
-    #   text. Its assistant message enters the conversation when the response is created (in progress, not
-    #   rendered) and is filled in when it ends; the question's transcript replaces its units once a reply has
-    #   written one. Text-only output stops decoding at the end of the text answer (no units, no vocoder).
-    # - One response at a time: `create_response()` while one is in progress raises ResponseActive (a preemptive
-    #   VAD reply not released yet is discarded instead). `cancel_response()` stops decode and vocoder; the
-    #   assistant message keeps everything generated until then ("incomplete") until `truncate_item()` cuts it
-    #   to what was heard, by the barge-in rule. A barge-in under VAD cuts it at once, to the output's position.
-    # - Editing the conversation (`add_item`, `delete_item`, `truncate_item`) changes the next prompt from the
-    #   edited message on; the KV cache is kept up to the common prefix (`_sync_kv`), so it is invalidated from
-    #   there. Editing the message of the response in progress cancels that response first.
-    # - A VAD turn whose reply wrote neither a transcript nor a text answer (heard) leaves no history: its two
-    #   messages stay in `conversation.items` but leave the context. A failed VAD turn does the same.
-    def set_turn_detection(self, detection: TurnDetection | None) -> None:
-        old, self.turn_detection = self.turn_detection, detection
-        if detection is None:
-            if old is not None:
-                self._leave_vad_turn()
-            return
-        silence = detection.end_of_turn_silence_s
-        if silence is not None and silence != self.config.end_of_turn_silence_s:
-            self.config = _with_end_of_turn_silence(self.config, silence)
-            self._leave_vad_turn()
-            self.vad = VadDetector(self.config.vad_config())
-        elif old is None:
-            self.vad.reset()
-        if old is None:
-            self.clear_audio()
-
-    def _leave_vad_turn(self) -> None:
-        self._listening = None
-        reply = self._reply
-        if reply is not None and reply.preemptive and not reply.released.is_set():
-            self._discard(reply)
-        self.vad.reset()
-
-    @property
-    def input_buffer_s(self) -> float:
-        """Manual turns: seconds of audio buffered since the last commit or clear."""
-        return sum(a.shape[0] for a in self._input_audio) / SAMPLE_RATE
-
-    def commit_audio(self, item_id: str | None = None, previous_item_id: str | None = APPEND) -> Message:
-        """Manual turns: the audio buffered since the last commit/clear becomes a user audio message (returned at
-        once; its units are extracted on the HuBERT thread). Raises EmptyAudioBuffer under `MIN_COMMIT_S`, and
-        with server VAD on (the VAD commits its turns itself)."""
-        if self.turn_detection is not None:
-            raise EmptyAudioBuffer("server VAD is on: it commits the turns it detects, nothing is buffered")
-        if item_id is not None and item_id in self.conversation:
-            raise DuplicateItem(f"an item with id {item_id!r} is already in the conversation")
-        if previous_item_id not in (APPEND, "root") and previous_item_id not in self.conversation:
-            self.conversation.get(previous_item_id)  # raises UnknownItem
-        for frame in self._input_resampler.flush():
-            self._input_audio.append(frame.to_float32_mono().samples)
-        audio = np.concatenate(self._input_audio) if self._input_audio else np.zeros(0, np.float32)
-        self._input_audio = []
-        seconds = audio.shape[0] / SAMPLE_RATE
-        if seconds < MIN_COMMIT_S - 1e-9:
-            raise EmptyAudioBuffer(f"{seconds * 1e3:.0f} ms of audio buffered; a commit needs at least "
-                                   f"{MIN_COMMIT_S * 1e3:.0f} ms")
-        message = Message(item_id or new_item_id(), "user", "audio", audio_s=seconds)
-        previous = self.conversation.insert(message, previous_item_id)
-        self._committed_at[message.id] = self.clock.now()
-        self._extract_units(message, audio)
-        self.events.emit(AudioCommitted(message.id, previous, self.clock.now()))
-        self.events.emit(ItemAdded(message, previous))
-        return message
-
-    def clear_audio(self) -> float:
-        """Manual turns: drop the buffered audio; returns how many seconds were dropped."""
-        dropped = self.input_buffer_s
-        self._input_audio = []
-        self._input_resampler.reset()
-        return dropped
-
-    def add_item(self, message: Message, previous_item_id: str | None = APPEND,
-                 audio: np.ndarray | None = None) -> str | None:
-        """Put a message into the conversation (after `previous_item_id`; APPEND: last, "root": first); returns the
-        id now before it. A user audio message may come as `audio` (16 kHz mono float32): its units are extracted
-        like a commit's. Raises DuplicateItem / UnknownItem (agent.conversation)."""
-        if message.role == "user" and message.modality == "audio" and message.text is None and message.units is None:
-            if audio is None or audio.shape[0] / SAMPLE_RATE < MIN_COMMIT_S - 1e-9:
-                raise EmptyAudioBuffer(f"user audio message {message.id!r}: no transcript, units or "
-                                       f">= {MIN_COMMIT_S * 1e3:.0f} ms of audio")
-            message.audio_s = audio.shape[0] / SAMPLE_RATE
-        previous = self.conversation.insert(message, previous_item_id)
-        if audio is not None and message.pending:
-            self._extract_units(message, np.asarray(audio, np.float32))
-        self.events.emit(ItemAdded(message, previous))
-        return previous
-
-    def get_item(self, item_id: str) -> Message:
-        return self.conversation.get(item_id)
-
-    def delete_item(self, item_id: str) -> Message:
-        """Remove a message (the response writing it is cancelled first)."""
-        self._cancel_if_writing(item_id)
-        return self.conversation.delete(item_id)
-
-    def truncate_item(self, item_id: str, audio_end_s: float) -> float:
-        """Cut an assistant message to the first `audio_end_s` seconds of its audio (clamped to what it has): its
-        units to those heard, its text by the barge-in rule. Returns the position kept (0.0 and no change for a
-        message without audio). The response writing it is cancelled first."""
-        self.conversation.get(item_id)
-        self._cancel_if_writing(item_id)
-        return self.conversation.truncate(item_id, audio_end_s)
-
-    def _cancel_if_writing(self, item_id: str) -> None:
-        active = self.active_response
-        if active is not None and active.item.id == item_id:
-            self.cancel_response("client_cancelled")
-
-    @property
-    def active_response(self) -> Response | None:
-        r = self._reply
-        if r is None or r.finished or r.response is None:
-            return None
-        return r.response
-
-    def create_response(self, options: ResponseOptions | None = None) -> Response:
-        """Answer the conversation as it stands (policies above); the Response is returned at once and its events
-        follow (ResponseCreated, the text and audio, ResponseDone). Raises ResponseActive while one is in progress.
-        Call it from the event loop that runs `run()`."""
-        if self._closed:
-            raise RuntimeError(f"{self.name}: the session is closed")
-        active = self.active_response
-        if active is not None:
-            raise ResponseActive(active)
-        if self._reply is not None:  # a preemptive reply to a VAD turn not decided yet
-            self._discard(self._reply)
-        options = options or self.response_defaults
-        turn = _UserTurn(self._turn_count, None, 0.0, while_speaking=self.state == AgentState.SPEAKING)
-        self._turn_count += 1
-        question = self.conversation.question()
-        committed = self._committed_at.get(question.id) if question is not None else None
-        now = self.clock.now()
-        metrics = TurnMetrics(turn.index, last_voiced=committed, final_eot=now)
-        reply = _Reply(turn, metrics, False, now, 0, self.config.seed + turn.index, source="items", options=options)
-        reply.done = asyncio.get_running_loop().create_future()
-        self._reply = reply
-        self._new_response(reply, options, "client")
-        self._release(reply)
-        reply.task = asyncio.get_running_loop().create_task(self._run_reply(reply))
-        return reply.response
-
-    def cancel_response(self, reason: str = "client_cancelled") -> Response | None:
-        """Stop the response in progress now (decode, vocoder, queued output). Returns it ("cancelled"), or None
-        when none is in progress."""
-        r = self._reply
-        if self.active_response is None:
-            return None
-        finished = self.output.clear_buffer() if r.audio_started else None
-        r.metrics.interrupted_at = self.clock.now()
-        self._halt(r)
-        self._complete(r, finished or PlaybackFinished(0.0, True, self.clock.now()), status="cancelled",
-                       reason=reason, cut=False)
-        return r.response
-
-    def _new_response(self, r: _Reply, options: ResponseOptions, trigger: str) -> Response:
-        item = Message(options.item_id or new_item_id(), "assistant", "audio" if options.audio else "text", text="",
-                       frame_s=self._frame_s, status="in_progress")
-        previous = self.conversation.insert(item)
-        response = Response(new_item_id("resp"), options, item, trigger, r.turn.index,
-                            question_id=r.user_item.id if r.user_item is not None else None)
-        item.response_id = response.id
-        r.response, r.options = response, options
-        self.events.emit(ResponseCreated(response, previous))
-        return response
-
-    def _extract_units(self, message: Message, audio: np.ndarray) -> None:
-        fut = self._submit(self._hubert, self._units_of, audio)
-        self._pending_units[message.id] = fut
-        fut.add_done_callback(lambda f: self._call_soon(self._units_ready, message, f))
-
-    def _units_ready(self, message: Message, fut: concurrent.futures.Future) -> None:
-        if self._pending_units.get(message.id) is fut:
-            del self._pending_units[message.id]
-        if message.units is not None:
-            return
-        if fut.exception() is not None:
-            message.units, message.in_context = [], False  # unusable audio: it cannot be part of a prompt
-            self._error("units", fut.exception())
-            return
-        message.units = fut.result()[0]
-
-    def _commit_turn(self, turn: _UserTurn, end_sample: int, reply: _Reply | None) -> Message:
-        """A VAD turn ended: it becomes a user audio message (units from its reply, or extracted now)."""
-        message = Message(turn.item_id or new_item_id(), "user", "audio",
-                          audio_s=max(0, end_sample) / SAMPLE_RATE)
-        previous = self.conversation.insert(message)
-        self._committed_at[message.id] = self.clock.now()
-        if reply is not None:
-            reply.user_item = message
-            if reply.record.units:
-                message.units = list(reply.record.units)
-        else:
-            fut = self._submit(self._hubert, self._final_units, end_sample)
-            fut.add_done_callback(lambda f: self._call_soon(self._units_ready, message, f))
-        self.events.emit(AudioCommitted(message.id, previous, self.clock.now()))
-        self.events.emit(ItemAdded(message, previous))
-        return message
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def _set_state(self, new: AgentState) -> None:
@@ -976,7 +540,7 @@ class Session:
                      self.engine.max_seq - len(prompt))
         if budget < 1:
             raise StageError("decode", f"a {len(prompt)}-token prompt leaves no room to answer")
-        r.decode_t0 = t0 = time.perf_counter()
+        r.decode_t0 = time.perf_counter()
         sosp = self.vocab.sosp
         stream = None
         try:
