@@ -22,7 +22,6 @@ measured at this many rows (extrapolated linearly from the batch sizes seen) wou
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import threading
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.batched_step import BatchedDecoder
-from kernels.engine import DecodeStats
+from kernels.engine import TokenStream
 from kernels.model import LlamaModel, LlamaWeights
 from kernels.batched_sampling import sample_rows
 from kernels.sampling import CPU_DRAWS, SPEECHGPT_SAMPLING, SamplerState, SamplingParams
@@ -462,54 +461,18 @@ class SlotEngine:
         self.batch._release(self)
 
 
-class BatchedStream:
-    """Iterator (and async iterator) over a session's new tokens, like kernels.engine.DecodeStream."""
+class BatchedStream(TokenStream):
+    """A session's token stream on the batched engine: the scheduler thread computes the tokens, the reader takes
+    them from the row's queue."""
 
-    def __init__(self, engine: SlotEngine, params, seed, budget, speech_mode, stops, unit_span_open):
-        self.engine = engine
-        self.params = params
-        self.seed = seed
-        self.budget = budget
-        self.speech_mode = speech_mode
-        self.stops = stops
-        self.unit_span_open = unit_span_open
-        self.stats = DecodeStats()
-        self.tokens: list[int] = []
-        self.stop_reason: str | None = None
-        self._cancel = threading.Event()
-        self._gen = None
-        self._ended = False
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._ended = False  # the slot is free for truncate / prefill again
 
     def close(self) -> None:
-        self._cancel.set()
-        if self._gen is not None:
-            self._gen.close()
-        else:
-            self._ended = True
-
-    def __iter__(self):
+        super().close()
         if self._gen is None:
-            self._gen = self._run()
-        return self._gen
-
-    def __next__(self) -> int:
-        return next(iter(self))
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> int:
-        token = await asyncio.to_thread(next, iter(self), None)
-        if token is None:
-            raise StopAsyncIteration
-        return token
+            self._ended = True
 
     def _run(self):
         eng, batch = self.engine, self.engine.batch
@@ -535,14 +498,9 @@ class BatchedStream:
                         return
                     else:
                         raise RuntimeError(f"batched decode failed: {row.error}") from row.error
-                self.tokens.append(token)
-                self.stats.token_times.append(time.perf_counter())
-                if token in self.stops:
-                    self.stop_reason = "stop_token"
-                elif len(self.tokens) >= self.budget:
-                    self.stop_reason = "length"
+                stop = self._accept(token)
                 yield token
-                if self.stop_reason is not None:
+                if stop:
                     return
                 if self._cancel.is_set():
                     self.stop_reason = "cancelled"

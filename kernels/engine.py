@@ -746,10 +746,12 @@ class DecodeEngine:
         return ok
 
 
-class DecodeStream:
-    """Iterator (and async iterator) over newly generated token ids. cancel() stops within one step."""
+class TokenStream:
+    """Iterator (and async iterator) over newly generated token ids; cancel() stops within one step. The shell
+    shared by the batch-1 engine's DecodeStream and the batched engine's stream (kernels.batch_engine): a subclass
+    defines `_run`, the generator of tokens."""
 
-    def __init__(self, engine: DecodeEngine, params, seed, budget, speech_mode, stops, unit_span_open):
+    def __init__(self, engine, params, seed, budget, speech_mode, stops, unit_span_open):
         self.engine = engine
         self.params = params
         self.seed = seed
@@ -797,6 +799,24 @@ class DecodeStream:
             raise StopAsyncIteration
         return token
 
+    def _accept(self, token: int) -> bool:
+        """Record a token; True when decoding must stop after it."""
+        self.tokens.append(token)
+        self.stats.token_times.append(time.perf_counter())
+        if token in self.stops:
+            self.stop_reason = "stop_token"
+        elif len(self.tokens) >= self.budget:
+            self.stop_reason = "length"
+        return self.stop_reason is not None
+
+    def _run(self):
+        raise NotImplementedError
+
+
+class DecodeStream(TokenStream):
+    """The batch-1 engine's stream: steps run on the reader's thread (eagerly, or as CUDA-graph replays one step
+    ahead of the reader)."""
+
     # ---- the loop -------------------------------------------------------------------------------------------
 
     def _run(self):
@@ -829,16 +849,6 @@ class DecodeStream:
         self.engine._sample_into_state(self._first_logits(), self.params)
         if self.speech_mode:
             self.engine._update_span_flag()
-
-    def _accept(self, token: int) -> bool:
-        """Record a token; True when decoding must stop after it."""
-        self.tokens.append(token)
-        self.stats.token_times.append(time.perf_counter())
-        if token in self.stops:
-            self.stop_reason = "stop_token"
-        elif len(self.tokens) >= self.budget:
-            self.stop_reason = "length"
-        return self.stop_reason is not None
 
     def _finish(self, start_pos: int) -> None:
         # Every yielded token except the last was fed to the model; the last one is pending.
