@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.batched_step import BatchedDecoder
-from kernels.engine import TokenStream
+from kernels.engine import TokenStream, checked_prefill
 from kernels.model import LlamaModel, LlamaWeights
 from kernels.batched_sampling import sample_rows
 from kernels.sampling import CPU_DRAWS, SPEECHGPT_SAMPLING, SamplerState, SamplingParams
@@ -403,17 +403,7 @@ class SlotEngine:
         """As DecodeEngine.prefill; runs on the scheduler thread in chunks between other sessions' steps (blocks
         the caller until done)."""
         self._check_idle("prefill")
-        start = self._pos if start_pos is None else int(start_pos)
-        if not 0 <= start <= self._pos:
-            raise ValueError(f"prefill at {start}: must be in [0, {self._pos}] (the cache holds {self._pos} tokens; no gaps)")
-        ids = (tokens if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens), dtype=torch.long)).reshape(-1).cpu().long()
-        if ids.numel() == 0:
-            raise ValueError("prefill needs at least one token")
-        vocab = self.batch.w.arch.vocab_size
-        bad = ((ids < 0) | (ids >= vocab)).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(f"prefill: token id {int(ids[i])} at index {i} is outside the vocabulary [0, {vocab})")
+        start, ids = checked_prefill(tokens, start_pos, self._pos, self.batch.w.arch.vocab_size)
         if start + ids.numel() > self.max_seq:
             raise ValueError(f"prefill of {ids.numel()} tokens at position {start} overflows the {self.max_seq}-position cache")
         job = _Prefill(self, ids, start)

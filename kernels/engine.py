@@ -81,6 +81,26 @@ def plan_prefill_chunks(
     return plan
 
 
+def checked_prefill(tokens: Iterable[int] | torch.Tensor, start_pos: int | None, cached: int, vocab: int
+                    ) -> tuple[int, torch.Tensor]:
+    """A prefill's start position and its ids as a host int64 tensor, checked: the start within [0, cached] (no
+    gaps), at least one token, every id inside the vocabulary. Checked on the host: an id outside the embedding
+    would be a device-side assert on CUDA, which kills the process's whole CUDA context (prefill happens once per
+    turn; the ids are few)."""
+    start = cached if start_pos is None else int(start_pos)
+    if not 0 <= start <= cached:
+        raise ValueError(f"prefill at {start}: must be in [0, {cached}] (the cache holds {cached} tokens; no gaps)")
+    ids = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens), dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError("prefill needs at least one token")
+    host = ids.detach().reshape(-1).cpu().long()
+    bad = ((host < 0) | (host >= vocab)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(f"prefill: token id {int(host[i])} at index {i} is outside the vocabulary [0, {vocab})")
+    return start, host
+
+
 @dataclass
 class DecodeStats:
     """Host-side timing of one decode call (seconds, perf_counter clock)."""
@@ -415,20 +435,7 @@ class DecodeEngine:
         """Write tokens into the cache at start_pos (default: after what is there; earlier = truncate first).
         Returns the fp32 logits after the last token (the distribution of the next one)."""
         self._check_idle("prefill")
-        start = self._pos if start_pos is None else int(start_pos)
-        if not 0 <= start <= self._pos:
-            raise ValueError(f"prefill at {start}: must be in [0, {self._pos}] (the cache holds {self._pos} tokens; no gaps)")
-        ids = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens), dtype=torch.long)
-        if ids.numel() == 0:
-            raise ValueError("prefill needs at least one token")
-        # An id outside the embedding would be a device-side assert on CUDA, which kills the whole process's CUDA
-        # context: check on the host (prefill happens once per turn; the ids are small).
-        host = ids.detach().reshape(-1).cpu()
-        vocab = self.model.arch.vocab_size
-        bad = ((host < 0) | (host >= vocab)).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(f"prefill: token id {int(host[i])} at index {i} is outside the vocabulary [0, {vocab})")
+        start, host = checked_prefill(tokens, start_pos, self._pos, self.model.arch.vocab_size)
         ids = host.to(self.device, torch.long)
         if self.prefill_bucketed:
             logits = self._prefill_bucketed(ids, start)
