@@ -56,12 +56,10 @@ class HoldingOutput(RecordingOutput):
     """A RecordingOutput whose first segment never finishes playing by itself (a listener with a long buffer): a
     barge-in always finds it playing, however late the server's speech_started comes on a loaded machine."""
 
-    held = False
-
     def flush(self) -> None:
         seg = self._segment
-        if seg is not None and not self.held:
-            self.held = seg.flushed = True  # no finisher: only clear_buffer() ends it
+        if seg is not None and len(self.segments) == 1:  # the first answer (cleared before or after its flush)
+            seg.flushed = True  # no finisher: only clear_buffer() ends it
             return
         super().flush()
 
