@@ -51,7 +51,9 @@ def rows_attention_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     """batched_decode_attention_cpu over the first len(rows) rows of q, with (slot, length) per row as host ints
     (the batched step reads them once per step, not once per layer)."""
     gqa = q.shape[1] != k_pool.shape[1]
-    out = [F.scaled_dot_product_attention(q[b].unsqueeze(1), k_pool[s, :, :n], v_pool[s, :, :n], enable_gqa=gqa)[:, 0]
+    # 4-D [1, H, 1, D] inputs: torch takes its fused CPU flash kernel (2x faster here than the 3-D math path)
+    out = [F.scaled_dot_product_attention(q[b][None, :, None], k_pool[s:s + 1, :, :n], v_pool[s:s + 1, :, :n],
+                                          enable_gqa=gqa)[0, :, 0]
            for b, (s, n) in enumerate(rows)]
     return torch.stack(out) if out else q[:0].clone()
 
