@@ -544,7 +544,11 @@ class Session(SessionItemsApi):
         sosp = self.vocab.sosp
         stream = None
         try:
-            stream = self.engine.decode(cfg.sampling, seed=r.seed, max_new_tokens=budget, speech_mode=cfg.speech_head)
+            # An answer to a text question is a text answer first, and a text-only answer is cut where units begin:
+            # neither may open with a unit span (a model that tries would leave the text empty).
+            text_first = not r.options.audio or r.answer_task is Task.TEXT
+            stream = self.engine.decode(cfg.sampling, seed=r.seed, max_new_tokens=budget, speech_mode=cfg.speech_head,
+                                        text_first=text_first)
             r.stream = stream
             if r.stop.is_set():
                 stream.cancel()

@@ -296,10 +296,7 @@ class BatchedEngine:
         start = self.unit_rows_start
         rows = []
         for r, logits in outputs:
-            if r.stream.speech_mode and r.span_open and not r.sampled and start is not None:
-                logits = logits.clone()
-                logits[:start] = float("-inf")  # decoding starts inside a unit span
-            rows.append(logits)
+            rows.append(logits if r.sampled else r.stream.first_token_logits(logits, start))
         streams = [r.stream for r, _ in outputs]
         tokens = sample_rows(torch.stack(rows), [s.params for s in streams], [r.state for r, _ in outputs],
                              [r.generator for r, _ in outputs], self.config.cpu_draw)
@@ -415,7 +412,8 @@ class SlotEngine:
         return job.logits
 
     def decode(self, params: SamplingParams = SPEECHGPT_SAMPLING, seed: int = 0, max_new_tokens: int | None = None,
-               speech_mode: bool = False, stop_ids: Iterable[int] | None = None, unit_span_open: bool = False) -> "BatchedStream":
+               speech_mode: bool = False, stop_ids: Iterable[int] | None = None, unit_span_open: bool = False,
+               text_first: bool = False) -> "BatchedStream":
         """As DecodeEngine.decode; the tokens are computed by the scheduler thread in batched steps."""
         self._check_idle("decode")
         if self._last_logits is None:
@@ -426,7 +424,7 @@ class SlotEngine:
         if self.forced:
             budget = min(budget, len(self.forced))
         stops = {params.eos_id} if stop_ids is None else set(stop_ids)
-        self._stream = BatchedStream(self, params, seed, max(budget, 0), speech_mode, stops, unit_span_open)
+        self._stream = BatchedStream(self, params, seed, max(budget, 0), speech_mode, stops, unit_span_open, text_first)
         return self._stream
 
     def set_forced_tokens(self, tokens: Sequence[int] | None) -> None:

@@ -524,10 +524,13 @@ class DecodeEngine:
         speech_mode: bool = False,
         stop_ids: Iterable[int] | None = None,
         unit_span_open: bool = False,
+        text_first: bool = False,
     ) -> "DecodeStream":
         """Stream new tokens after the last prefill. speech_mode: while a unit span is open only unit and
         special rows are legal (the restricted head); False samples over the full vocabulary like the original.
-        Stops after a token in stop_ids (default: EOS), at max_new_tokens, at the context end, or on cancel()."""
+        text_first: the first token is drawn from the text rows only (an answer wanted as text must not open with
+        a unit span). Stops after a token in stop_ids (default: EOS), at max_new_tokens, at the context end, or on
+        cancel()."""
         if self._last_logits is None:
             raise RuntimeError("decode() needs a prefill() first (the logits of the last prompt token)")
         budget = self.max_seq - self._pos
@@ -536,7 +539,7 @@ class DecodeEngine:
         if self.forced_tokens:
             budget = min(budget, self.forced_tokens)
         stops = {params.eos_id} if stop_ids is None else set(stop_ids)
-        return DecodeStream(self, params, seed, max(budget, 0), speech_mode, stops, unit_span_open)
+        return DecodeStream(self, params, seed, max(budget, 0), speech_mode, stops, unit_span_open, text_first)
 
     def _reset_sampler(self, seed: int) -> None:
         self.state.reset(num_generated=0, seed=seed, offset=0)
@@ -758,7 +761,7 @@ class TokenStream:
     shared by the batch-1 engine's DecodeStream and the batched engine's stream (kernels.batch_engine): a subclass
     defines `_run`, the generator of tokens."""
 
-    def __init__(self, engine, params, seed, budget, speech_mode, stops, unit_span_open):
+    def __init__(self, engine, params, seed, budget, speech_mode, stops, unit_span_open, text_first=False):
         self.engine = engine
         self.params = params
         self.seed = seed
@@ -766,11 +769,25 @@ class TokenStream:
         self.speech_mode = speech_mode
         self.stops = stops
         self.unit_span_open = unit_span_open
+        self.text_first = text_first
         self.stats = DecodeStats()
         self.tokens: list[int] = []
         self.stop_reason: str | None = None
         self._cancel = threading.Event()
         self._gen = None
+
+    def first_token_logits(self, logits: torch.Tensor, unit_rows_start: int | None) -> torch.Tensor:
+        """The logits token 0 is drawn from (the prefill's): starting inside a unit span under the speech-mode head,
+        only the unit and special rows; with text_first, only the rows below them (the answer starts in text)."""
+        if unit_rows_start is None:
+            return logits
+        if self.speech_mode and self.unit_span_open:
+            logits = logits.clone()
+            logits[:unit_rows_start] = float("-inf")
+        elif self.text_first:
+            logits = logits.clone()
+            logits[unit_rows_start:] = float("-inf")
+        return logits
 
     def cancel(self) -> None:
         """Barge-in: no token after the one being read is yielded; the cache keeps what was consumed."""
@@ -844,12 +861,7 @@ class DecodeStream(TokenStream):
         return eng._pos
 
     def _first_logits(self) -> torch.Tensor:
-        """The prefill's logits, under the speech-mode head when decoding starts inside a unit span."""
-        logits, start = self.engine._last_logits, self.engine.model.unit_rows_start
-        if self.speech_mode and self.unit_span_open and start is not None:
-            logits = logits.clone()
-            logits[:start] = float("-inf")
-        return logits
+        return self.first_token_logits(self.engine._last_logits, self.engine.model.unit_rows_start)
 
     def _draw_first_token(self) -> None:
         """Token 0 comes from the prefill's logits (into state.token_out, on the device); later ones from steps."""

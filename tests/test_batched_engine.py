@@ -302,3 +302,25 @@ def test_errors_are_named_and_a_closed_engine_ends_streams(parts):
         list(stream)
     s.release()
     s.release()  # idempotent
+
+
+def test_text_first_keeps_the_first_token_out_of_the_unit_and_special_rows(parts):
+    """decode(text_first=True) draws token 0 from the text rows only, on both engines (an answer wanted as text must
+    not open with a unit span); without it the same logits give the unit-span opener."""
+    tok, w, head = parts
+    start, sosp = head["unit_rows_start"], head["unit_span_ids"][0]
+    prompt = speech_prompt(tok, 70, 6)
+    single = DecodeEngine(w, MAX_SEQ, **head)
+    eng = batched(parts, max_sessions=1)
+    slot = eng.open_slot()
+    for engine in (single, slot):
+        logits = engine.prefill(prompt)
+        logits[sosp] = logits.max() + 50.0  # the model "wants" to open a unit span
+        engine._last_logits = logits
+        plain = engine.decode(GREEDY, max_new_tokens=1, stop_ids=())
+        assert list(plain) == [sosp]
+        engine.truncate(len(prompt))
+        engine._last_logits = logits
+        first = list(engine.decode(GREEDY, max_new_tokens=1, stop_ids=(), text_first=True))
+        assert first == [int(logits[:start].argmax())] and first[0] < start
+    eng.close()
