@@ -23,6 +23,7 @@ measured at this many rows (extrapolated linearly from the batch sizes seen) wou
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +37,8 @@ from kernels.model import LlamaModel, LlamaWeights
 from kernels.batched_sampling import sample_rows
 from kernels.sampling import CPU_DRAWS, SPEECHGPT_SAMPLING, SamplerState, SamplingParams
 from kernels.slot_cache import SlotKVCache, slots_that_fit
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AdmissionRefused", "BatchConfig", "BatchedEngine", "BatchedStream", "SlotEngine", "StepRecord", "pick_rows"]
 
@@ -137,7 +140,7 @@ class BatchedEngine:
     def __init__(self, weights: LlamaWeights, *, unit_rows_start: int | None, unit_span_ids: tuple[int, int],
                  config: BatchConfig = BatchConfig(), clock: Callable[[], float] = time.monotonic):
         """unit_rows_start / unit_span_ids: as for DecodeEngine (from the tokenizer's vocabulary). clock: the time
-        deadlines are given in (a session clock; tests inject a virtual one)."""
+        SlotEngine.deadline is given in (time.monotonic, as the Session sets it; tests inject a virtual one)."""
         self.w = weights
         self.config = config
         self.device = weights.device
@@ -225,23 +228,34 @@ class BatchedEngine:
 
     def _loop(self) -> None:
         while True:
-            with self._lock:
-                rows, skipped, wait = self._pick_rows()
-                while not rows and not self._prefills and not self._closed:
-                    self._lock.wait(timeout=wait)
-                    rows, skipped, wait = self._pick_rows()
-                if self._closed:
-                    self._fail_all(RuntimeError("the batched engine was closed"))
+            try:
+                if not self._iterate():
                     return
-                decoding = any(not r.finished for r in self._rows.values())
-            t0 = self.clock()
-            step_s = self._decode(rows) if rows else 0.0
-            budget = (max(self.config.token_budget - len(rows), self.config.min_prefill_chunk) if decoding
-                      else self.config.max_prefill_chunk)
-            p0 = time.perf_counter()
-            done = self._prefill(budget)
-            self.steps.append(StepRecord(t0, tuple(r.stream.engine.slot for r in rows), tuple(done),
-                                         tuple(skipped), step_s, time.perf_counter() - p0 if done else 0.0))
+            except Exception as e:  # a fault here must not hang every session: fail what is in flight, go on
+                log.exception("batched engine iteration failed")
+                with self._lock:
+                    self._fail_all(e)
+
+    def _iterate(self) -> bool:
+        """One scheduler iteration (see the module doc); False once the engine is closed."""
+        with self._lock:
+            rows, skipped, wait = self._pick_rows()
+            while not rows and not self._prefills and not self._closed:
+                self._lock.wait(timeout=wait)
+                rows, skipped, wait = self._pick_rows()
+            if self._closed:
+                self._fail_all(RuntimeError("the batched engine was closed"))
+                return False
+            decoding = any(not r.finished for r in self._rows.values())
+        t0 = self.clock()
+        step_s = self._decode(rows) if rows else 0.0
+        budget = (max(self.config.token_budget - len(rows), self.config.min_prefill_chunk) if decoding
+                  else self.config.max_prefill_chunk)
+        p0 = time.perf_counter()
+        done = self._prefill(budget)
+        self.steps.append(StepRecord(t0, tuple(r.stream.engine.slot for r in rows), tuple(done),
+                                     tuple(skipped), step_s, time.perf_counter() - p0 if done else 0.0))
+        return True
 
     def _pick_rows(self) -> tuple[list[_Row], list[int], float | None]:
         """(rows to step, in deadline order; slots skipped for slack; how long to sleep when there is nothing)."""

@@ -324,3 +324,37 @@ def test_text_first_keeps_the_first_token_out_of_the_unit_and_special_rows(parts
         first = list(engine.decode(GREEDY, max_new_tokens=1, stop_ids=(), text_first=True))
         assert first == [int(logits[:start].argmax())] and first[0] < start
     eng.close()
+
+
+def test_a_failed_step_or_iteration_ends_what_was_in_flight_and_the_engine_goes_on(parts, monkeypatch):
+    tok = parts[0]
+    eng = batched(parts, max_sessions=2)
+    s = eng.open_slot()
+    prompt = speech_prompt(tok, 80, 6)
+    s.prefill(prompt)
+    real_step = eng.decoder.step
+    calls = {"n": 0}
+
+    def failing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise FloatingPointError("injected fault in the batched forward")
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(eng.decoder, "step", failing_step)
+    stream = s.decode(GREEDY, max_new_tokens=50, stop_ids=())
+    with pytest.raises(RuntimeError, match="injected fault in the batched forward"):
+        list(stream)
+    s.truncate(len(prompt))
+    s.prefill([5])
+    assert len(list(s.decode(GREEDY, max_new_tokens=5, stop_ids=()))) == 5  # the next answer decodes
+
+    real_prefill = eng._prefill
+    monkeypatch.setattr(eng, "_prefill", lambda budget: (_ for _ in ()).throw(MemoryError("injected scheduler fault")))
+    other = eng.open_slot()
+    with pytest.raises(MemoryError, match="injected scheduler fault"):
+        other.prefill(prompt)
+    monkeypatch.setattr(eng, "_prefill", real_prefill)
+    other.prefill(prompt)  # the scheduler thread survived
+    assert len(list(other.decode(GREEDY, max_new_tokens=3, stop_ids=()))) == 3
+    eng.close()
