@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.batched_step import BatchedDecoder
-from kernels.engine import TokenStream, checked_prefill
+from kernels.engine import TokenStream, checked_prefill, checked_script, decode_limits
 from kernels.model import LlamaModel, LlamaWeights
 from kernels.batched_sampling import sample_rows
 from kernels.sampling import CPU_DRAWS, SPEECHGPT_SAMPLING, SamplerState, SamplingParams
@@ -432,13 +432,8 @@ class SlotEngine:
         self._check_idle("decode")
         if self._last_logits is None:
             raise RuntimeError("decode() needs a prefill() first (the logits of the last prompt token)")
-        budget = self.max_seq - self._pos
-        if max_new_tokens is not None:
-            budget = min(budget, max_new_tokens)
-        if self.forced:
-            budget = min(budget, len(self.forced))
-        stops = {params.eos_id} if stop_ids is None else set(stop_ids)
-        self._stream = BatchedStream(self, params, seed, max(budget, 0), speech_mode, stops, unit_span_open, text_first)
+        budget, stops = decode_limits(self.max_seq, self._pos, max_new_tokens, len(self.forced or ()), params, stop_ids)
+        self._stream = BatchedStream(self, params, seed, budget, speech_mode, stops, unit_span_open, text_first)
         return self._stream
 
     def set_forced_tokens(self, tokens: Sequence[int] | None) -> None:
@@ -447,11 +442,7 @@ class SlotEngine:
         if tokens is None:
             self.forced = None
             return
-        ids = [int(t) for t in tokens]
-        vocab = self.batch.w.arch.vocab_size
-        if not 1 <= len(ids) <= self.max_seq or any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"set_forced_tokens: expected 1..{self.max_seq} token ids in [0, {vocab})")
-        self.forced = ids
+        self.forced = checked_script(tokens, self.max_seq, self.batch.w.arch.vocab_size)
 
     def release(self) -> None:
         """Give the slot back (the session is over); idempotent. A running stream ends as cancelled."""

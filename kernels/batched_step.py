@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.batched_attention import batched_decode_attention, rows_attention_cpu
+from kernels.batched_attention import batched_decode_attention_triton, rows_attention_cpu
 from kernels.decode_attention import choose_num_splits
 from kernels.model import LlamaWeights
 from kernels.rmsnorm import add_rmsnorm, rmsnorm
@@ -97,7 +97,7 @@ class BatchedDecoder:
             k_pool[slot, :, pos] = k
             v_pool[slot, :, pos] = v.reshape(n_rows, Hkv, D)
             if self.device.type == "cuda":  # pads cost one tile each and keep the launch shape fixed
-                attn = batched_decode_attention(q.contiguous(), k_pool, v_pool, slot, seq_lens, num_splits=self.num_splits)
+                attn = batched_decode_attention_triton(q.contiguous(), k_pool, v_pool, slot, seq_lens, num_splits=self.num_splits)
             else:  # on the CPU a pad's attention is pure cost: zeros stand in (its outputs are dropped)
                 attn = torch.zeros_like(q)
                 attn[:real] = rows_attention_cpu(q, k_pool, v_pool, cpu_rows)

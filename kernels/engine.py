@@ -101,6 +101,28 @@ def checked_prefill(tokens: Iterable[int] | torch.Tensor, start_pos: int | None,
     return start, host
 
 
+def decode_limits(max_seq: int, cached: int, max_new_tokens: int | None, script_len: int, params: SamplingParams,
+                  stop_ids: Iterable[int] | None) -> tuple[int, set[int]]:
+    """(token budget, stop ids) of a decode after `cached` tokens: the context's end, max_new_tokens and a forced
+    script's length (0: none) bound the budget; the stops default to EOS."""
+    budget = max_seq - cached
+    if max_new_tokens is not None:
+        budget = min(budget, max_new_tokens)
+    if script_len:
+        budget = min(budget, script_len)
+    return max(budget, 0), ({params.eos_id} if stop_ids is None else set(stop_ids))
+
+
+def checked_script(tokens: Sequence[int], max_seq: int, vocab: int) -> list[int]:
+    """set_forced_tokens' argument as ids, checked: 1..max_seq of them, each inside the vocabulary."""
+    ids = [int(t) for t in tokens]
+    if not 1 <= len(ids) <= max_seq:
+        raise ValueError(f"set_forced_tokens: expected 1..{max_seq} tokens, got {len(ids)}")
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"set_forced_tokens: token ids must be in [0, {vocab})")
+    return ids
+
+
 @dataclass
 class DecodeStats:
     """Host-side timing of one decode call (seconds, perf_counter clock)."""
@@ -533,13 +555,8 @@ class DecodeEngine:
         cancel()."""
         if self._last_logits is None:
             raise RuntimeError("decode() needs a prefill() first (the logits of the last prompt token)")
-        budget = self.max_seq - self._pos
-        if max_new_tokens is not None:
-            budget = min(budget, max_new_tokens)
-        if self.forced_tokens:
-            budget = min(budget, self.forced_tokens)
-        stops = {params.eos_id} if stop_ids is None else set(stop_ids)
-        return DecodeStream(self, params, seed, max(budget, 0), speech_mode, stops, unit_span_open, text_first)
+        budget, stops = decode_limits(self.max_seq, self._pos, max_new_tokens, self.forced_tokens, params, stop_ids)
+        return DecodeStream(self, params, seed, budget, speech_mode, stops, unit_span_open, text_first)
 
     def _reset_sampler(self, seed: int) -> None:
         self.state.reset(num_generated=0, seed=seed, offset=0)
@@ -573,12 +590,7 @@ class DecodeEngine:
         if tokens is None:
             self.forced_tokens = 0
             return
-        ids = torch.tensor([int(t) for t in tokens], dtype=torch.int64)
-        vocab = self.model.arch.vocab_size
-        if ids.numel() == 0 or ids.numel() > self.max_seq:
-            raise ValueError(f"set_forced_tokens: expected 1..{self.max_seq} tokens, got {ids.numel()}")
-        if bool(((ids < 0) | (ids >= vocab)).any()):
-            raise ValueError(f"set_forced_tokens: token ids must be in [0, {vocab})")
+        ids = torch.tensor(checked_script(tokens, self.max_seq, self.model.arch.vocab_size), dtype=torch.int64)
         if getattr(self, "_forced_buf", None) is None:  # one buffer for the engine's life: graphs keep its address
             self._forced_buf = torch.zeros(self.max_seq, dtype=torch.int64, device=self.device)
             self._forced_last = torch.zeros(1, dtype=torch.int64, device=self.device)
