@@ -271,14 +271,19 @@ def test_the_heard_text_rule():
     assert [units_heard(durations, t, 0.02) for t in (0.0, 0.01, 0.04, 0.041, 0.2)] == [0, 1, 1, 2, 3]
 
 
-def test_two_sessions_at_once_each_answer_as_alone(model, plain):
+def two_conversations(model):
+    """Two sessions at once on one model: two turns (question, follow-up) and one turn (table)."""
     async def both():
         a, ua, _ = new_session(model, NO_SPEC)
         b, ub, _ = new_session(model, NO_SPEC)
         await asyncio.gather(converse(a, ua, [QUESTION, FOLLOW_UP]), converse(b, ub, [TABLE]))
         return a, b
 
-    a, b = asyncio.run(both())
+    return asyncio.run(both())
+
+
+def test_two_sessions_at_once_each_answer_as_alone(model, plain):
+    a, b = two_conversations(model)
     b_alone = chat(model, [TABLE], NO_SPEC)[0]
     assert tokens_of(a) == tokens_of(plain[0])
     assert tokens_of(b) == tokens_of(b_alone)
@@ -364,13 +369,7 @@ def test_sessions_on_the_batched_engine_answer_as_on_their_own_engines(tiny_bund
 
     batched = SpeechGPTModel.load(tiny_bundle, batch=BatchConfig(max_sessions=2, cpu_draw="hf", admission=False))
 
-    async def both():
-        a, ua, _ = new_session(batched, NO_SPEC)
-        b, ub, _ = new_session(batched, NO_SPEC)
-        await asyncio.gather(converse(a, ua, [QUESTION, FOLLOW_UP]), converse(b, ub, [TABLE]))
-        return a, b
-
-    a, b = asyncio.run(both())
+    a, b = two_conversations(batched)
     b_alone = chat(model, [TABLE], NO_SPEC)[0]
     assert tokens_of(a) == tokens_of(plain[0])
     assert tokens_of(b) == tokens_of(b_alone)
